@@ -94,7 +94,14 @@ def raw_update_bytes() -> int:
     return ArrayRecord(DigitsCNN().state_dict()).count_bytes()
 
 
-def report(presets: list[str], seeds: list[int], nodes: int, rounds: int) -> str:
+def report(
+    presets: list[str],
+    seeds: list[int],
+    nodes: int,
+    rounds: int,
+    checkpoints: list[int] | None = None,
+) -> str:
+    """Markdown table: accuracy and uplink bytes after ``checkpoints`` rounds (default: thirds)."""
     import numpy as np
 
     runs = {}
@@ -104,7 +111,7 @@ def report(presets: list[str], seeds: list[int], nodes: int, rounds: int) -> str
             if (d / "fedavg.json").is_file():
                 runs[(p, s)] = summarise(d, nodes)
     base = {s: runs[("none", s)] for s in seeds if ("none", s) in runs}
-    checkpoints = sorted({rounds // 3, 2 * rounds // 3, rounds} - {0})
+    checkpoints = sorted(set(checkpoints or {rounds // 3, 2 * rounds // 3, rounds}) - {0})
     lines = [
         "| preset | seeds | updates | accuracy (mean ± sd) | Δ vs none (points) | uplink bytes | "
         "fewer bytes than none |",
@@ -146,6 +153,7 @@ def _plot(runs: dict, presets: list[str], seeds: list[int], nodes: int) -> None:
     colours = dict(
         zip(PRESETS, ("black", "tab:blue", "tab:cyan", "tab:red", "tab:green"), strict=True)
     )
+    colours.update({"fedzip:dense_below=1000": "tab:purple", "fedzip:dense_below=0": "tab:blue"})
     for p in presets:
         for i, s in enumerate(seeds):
             if (p, s) not in runs:
@@ -174,6 +182,9 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=list(PRESETS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument(
+        "--checkpoints", nargs="+", type=int, help="rounds to tabulate (default: thirds)"
+    )
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--partitioner", default="iid")
     ap.add_argument("--report-only", action="store_true")
@@ -196,7 +207,7 @@ def main() -> None:
                 proc.start()
                 proc.join()
                 print(f"{preset} seed {seed}: exit {proc.exitcode}", flush=True)
-    print(report(args.presets, args.seeds, args.nodes, args.rounds))
+    print(report(args.presets, args.seeds, args.nodes, args.rounds, args.checkpoints))
 
 
 if __name__ == "__main__":

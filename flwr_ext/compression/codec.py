@@ -85,6 +85,12 @@ class PipelineConfig:
     include : tuple[str, ...]
         If non-empty, only tensors whose name contains one of these substrings go through the
         lossy stages; the others are sent exactly (raw, zstd).
+    dense_below : int
+        Tensors with fewer elements than this skip the sparsifier: all their coordinates go
+        through the quantiser (and error feedback). DGC's reference implementation
+        (synxlin/deep-gradient-compression, ``train.py``) likewise sparsifies only tensors with
+        ``dim() > 1`` and sends biases dense: a 2 % top-k of a 10-element bias keeps 1 value,
+        while the whole bias as 3-cluster codes costs a few bytes. 0 (default) disables it.
     """
 
     name: str = "custom"
@@ -99,6 +105,7 @@ class PipelineConfig:
     momentum: float = 0.0
     warmup: tuple[float, ...] = field(default_factory=tuple)
     include: tuple[str, ...] = field(default_factory=tuple)
+    dense_below: int = 0
 
     def __post_init__(self) -> None:
         if self.sparsify not in SPARSIFIERS:
@@ -117,6 +124,8 @@ class PipelineConfig:
             raise ConfigError("bits must be in [1, 16]")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("momentum must be in [0, 1)")
+        if self.dense_below < 0:
+            raise ConfigError("dense_below must be >= 0")
         if self.momentum and not self.error_feedback:
             raise ConfigError("momentum correction needs error_feedback=True")
 
@@ -192,7 +201,8 @@ def encode_tensor(
     _header(w, CODEC_IDS.get(config.name, 0), x)
 
     # ---- sparsify
-    if not lossy or (config.sparsify == "none" and indices is None):
+    small = numel < config.dense_below
+    if not lossy or ((config.sparsify == "none" or small) and indices is None):
         w.u8(_SP_DENSE)
         idx = None
     elif config.sparsify == "randomk" and indices is None:
@@ -419,7 +429,11 @@ def encode_update(
     pre: dict[str, np.ndarray] = {}
     if config.sparsify == "global_topk":
         chosen = {
-            n: update[n] for n in names if config.compresses(n) and str(update[n].dtype) in _FLOATS
+            n: update[n]
+            for n in names
+            if config.compresses(n)
+            and str(update[n].dtype) in _FLOATS
+            and np.asarray(update[n]).size >= config.dense_below
         }
         pre = global_topk_indices(chosen, density, seed=seed & 0xFFFFFFFF)
     payloads: dict[str, bytes] = {}

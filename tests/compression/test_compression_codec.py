@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from flwr_ext.compression import (
     encode_update,
     get_preset,
 )
+from flwr_ext.compression.codec import is_sparse_payload
 from flwr_ext.compression.entropy import decode_indices, encode_indices
 from flwr_ext.compression.presets import DGC_WARMUP
 from flwr_ext.compression.quantize import kmeans_1d, qsgd_dequantize, qsgd_quantize
@@ -172,6 +175,42 @@ def test_error_feedback_identity() -> None:
             sent = decode_tensor(payloads[k], expected_shape=g[k].shape)
             np.testing.assert_allclose(sent + state.residual[k], g[k] + old[k], atol=1e-6)
         old = {k: v.copy() for k, v in state.residual.items()}
+
+
+def test_dense_below_sends_small_tensors_dense_through_the_quantiser() -> None:
+    cfg = get_preset("fedzip", dense_below=100)
+    upd = {
+        "w": RNG.standard_normal((40, 30)).astype(np.float32),  # 1200 >= 100: top-2 %
+        "b": RNG.standard_normal(64).astype(np.float32),  # 64 < 100: dense, 3-cluster codes
+    }
+    payloads, recon = encode_update(upd, cfg, seed=3)
+    assert is_sparse_payload(payloads["w"]) and not is_sparse_payload(payloads["b"])
+    w = decode_tensor(payloads["w"], expected_shape=(40, 30))
+    b = decode_tensor(payloads["b"], expected_shape=(64,))
+    np.testing.assert_array_equal(w, recon["w"])
+    np.testing.assert_array_equal(b, recon["b"])
+    assert np.count_nonzero(w) == 24  # ceil(0.02 * 1200)
+    # every bias coordinate is sent, as one of 3 centroids nearest to its value
+    centroids = np.unique(b)
+    assert centroids.size <= 3
+    nearest = centroids[np.argmin(np.abs(upd["b"][:, None] - centroids[None, :]), axis=1)]
+    np.testing.assert_array_equal(b, nearest)
+    # global top-k ignores the small tensors when choosing its threshold
+    g = dataclasses.replace(cfg, sparsify="global_topk")
+    gp, _ = encode_update(upd, g, seed=3)
+    assert np.count_nonzero(decode_tensor(gp["w"])) == 24
+    assert not is_sparse_payload(gp["b"])
+    # error feedback identity holds for the dense small tensor too
+    state = CompressionState(cfg)
+    old = {k: np.zeros_like(v) for k, v in upd.items()}
+    for r in range(1, 4):
+        sent = compress(state, upd, server_round=r, seed=r)
+        for k in upd:
+            dec = decode_tensor(sent[k], expected_shape=upd[k].shape)
+            np.testing.assert_allclose(dec + state.residual[k], upd[k] + old[k], atol=1e-6)
+        old = {k: v.copy() for k, v in state.residual.items()}
+    with pytest.raises(ValueError):
+        PipelineConfig(dense_below=-1)
 
 
 def test_dgc_momentum_correction_and_masking() -> None:
