@@ -37,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from flwr_ext.llm.data import ResponseOnlyCollator
 from flwr_ext.llm.sfprompt_prune import el2n_scores, top_gamma
-from flwr_ext.llm.split import SplitModel, causal_lm_loss, full_attention_mask
+from flwr_ext.llm.split import SplitModel, full_attention_mask
 
 # message types (``@app.train("forward")`` receives ``train.forward``)
 START, FORWARD, TAIL, BACKWARD, FINISH = (
@@ -195,8 +195,9 @@ class SFPromptClient:
         named = self.split.trainable_named_parameters()
         for s in range(int(cfg.get("local-steps", 0))):
             batch = self._batch(self._sample(kept, rnd, s, salt=7))
-            logits = self.split.local_forward(batch["input_ids"], batch["attention_mask"])
-            loss = causal_lm_loss(logits, batch["labels"])
+            loss = self.split.local_loss(
+                batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
             loss.backward()
             adam.step(named, moments, steps)
             losses.append(float(loss.detach()))
@@ -237,7 +238,7 @@ class SFPromptClient:
         batch = self._batch(list(meta["batch"]))
         body_out = torch.tensor(msg.content[BODY]["hidden"].numpy(), requires_grad=True)
         mask = full_attention_mask(batch["attention_mask"], self.split.num_virtual_tokens)
-        loss = causal_lm_loss(self.split.tail(body_out, mask), batch["labels"])
+        loss = self.split.tail.loss(body_out, mask, batch["labels"])
         loss.backward()
         Adam(float(meta["lr"])).step(self.split.trainable_named_parameters(), moments, steps)
         meta["losses"] = [*meta.get("losses", []), float(loss.detach())]

@@ -159,6 +159,21 @@ class SplitTail(nn.Module):
         hidden = self.norm(self.stack(hidden, attention_mask))
         return self.lm_head(hidden[:, self.num_virtual_tokens :])
 
+    def loss(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """``causal_lm_loss(self(hidden, attention_mask), labels)`` with a cheaper LM head.
+
+        The LM head (the vocabulary projection, 28.3M of SmolLM2's weights) runs only at the
+        positions whose next-token label is not ``-100`` (the short responses), instead of at
+        every position; the loss is the same token-mean cross-entropy.
+        """
+        hidden = self.norm(self.stack(hidden, attention_mask))[:, self.num_virtual_tokens :]
+        target = labels[:, 1:]
+        keep = target != IGNORE_INDEX
+        logits = self.lm_head(hidden[:, :-1][keep]).float()
+        return nn.functional.cross_entropy(logits, target[keep])
+
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Token-mean next-token cross-entropy over labels ``!= -100`` (HF's shift convention)."""
@@ -234,6 +249,13 @@ class SplitModel(nn.Module):
         """Head then tail, skipping the body: SFPrompt's local-loss path (no server)."""
         hidden, mask = self.head(input_ids, attention_mask)
         return self.tail(hidden, mask)
+
+    def local_loss(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The loss of :meth:`local_forward` (:meth:`SplitTail.loss`: LM head on labelled rows)."""
+        hidden, mask = self.head(input_ids, attention_mask)
+        return self.tail.loss(hidden, mask, labels)
 
     # -- the client's trainable state (what is trained, averaged and exchanged) ----------------
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -384,9 +406,10 @@ def split_causal_lm(
 class PromptedLM(nn.Module):
     """The split model as a monolithic LM for :func:`flwr_ext.llm.evaluate.evaluate_model`.
 
-    ``forward(input_ids, attention_mask).logits`` runs head, body and tail; ``generate`` is greedy
-    decoding without a KV cache (every step re-runs the prompted sequence), enough for the short
-    answers of the held-out evaluation.
+    ``forward(input_ids, attention_mask).logits`` runs head, body and tail. ``generate`` is greedy
+    decoding of the source model on ``[prompt; embed(input_ids)]`` with a KV cache and the LM
+    head on the last position only; positions are ``cumsum(mask) - 1`` as in the split, so each
+    new token is the argmax of the split model on the prefix.
     """
 
     def __init__(self, split: SplitModel) -> None:
@@ -411,22 +434,42 @@ class PromptedLM(nn.Module):
         do_sample: bool = False,
         **_: Any,
     ) -> torch.Tensor:
+        """``input_ids`` followed by up to ``max_new_tokens`` greedy tokens (``pad`` once done)."""
         if do_sample:
             raise NotImplementedError("PromptedLM.generate is greedy only")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         pad = pad_token_id if pad_token_id is not None else (eos_token_id or 0)
-        ids, mask = input_ids, attention_mask
-        done = torch.zeros(ids.shape[0], dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            nxt = self.split(ids, mask)[:, -1].argmax(-1)
+        model = self.split.model
+        mask = full_attention_mask(attention_mask, self.split.num_virtual_tokens)
+        pos = position_ids_from_mask(mask)
+        out = model(
+            inputs_embeds=self.split.head.embed(input_ids),
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        ids = input_ids
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for step in range(max_new_tokens):
+            nxt = out.logits[:, -1].argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             ids = torch.cat([ids, nxt[:, None]], dim=1)
-            mask = torch.cat([mask, (~done).long()[:, None].to(mask.dtype)], dim=1)
             if eos_token_id is not None:
                 done |= nxt == eos_token_id
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return ids
 
 

@@ -73,7 +73,7 @@ def test_split_forward_and_prompt_grad_equal_monolithic(tok, k, m, tied, mode):
     cut = hidden.detach().requires_grad_(True)  # server
     body_out = split.body(cut, fmask)
     recv = body_out.detach().requires_grad_(True)  # client
-    loss = causal_lm_loss(split.tail(recv, fmask), labels)
+    loss = split.tail.loss(recv, fmask, labels)  # LM head on labelled rows only
     loss.backward()
     body_out.backward(recv.grad)  # server
     hidden.backward(cut.grad)  # client
@@ -135,3 +135,39 @@ def test_prompted_lm_generate_is_padding_invariant_greedy(tok):
     # greedy: each new token is the argmax of the prompted model on the prefix
     first = split(a, torch.ones_like(a))[:, -1].argmax(-1)
     assert int(out[0, 5]) == int(first)
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_tail_and_local_loss_equal_the_full_logits_loss(tok, mode):
+    split = split_causal_lm(_model(tok), 1, 1, num_virtual_tokens=P, tail_mode=mode, seed=2)
+    ids, mask, labels = _batch(len(tok))
+    named = split.trainable_named_parameters()
+    params = [p for _, p in named]
+    ref = causal_lm_loss(split.local_forward(ids, mask), labels)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    loss = split.local_loss(ids, mask, labels)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    for (name, _), g, r in zip(named, grads, ref_grads, strict=True):
+        if r is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_prompted_lm_kv_cached_generate_equals_recomputed_greedy(tok):
+    split = split_causal_lm(_model(tok), 1, 1, num_virtual_tokens=P, tail_mode="full", seed=4)
+    with torch.no_grad():  # a non-trivial tail, so the check covers the trained path
+        for p in split.tail.stack.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    lm = PromptedLM(split)
+    ids = torch.tensor([[5, 9, 13, 20, 7, 11], [0, 0, 0, 8, 4, 6]])
+    mask = (ids != 0).long()
+    out = lm.generate(ids, mask, max_new_tokens=6, pad_token_id=0)
+    assert out.shape == (2, 12)
+    ref_ids, ref_mask = ids, mask
+    for _ in range(6):  # the definition: argmax of the whole split model on the prefix
+        nxt = split(ref_ids, ref_mask)[:, -1].argmax(-1)
+        ref_ids = torch.cat([ref_ids, nxt[:, None]], dim=1)
+        ref_mask = torch.cat([ref_mask, torch.ones_like(nxt)[:, None]], dim=1)
+    assert torch.equal(out, ref_ids)
