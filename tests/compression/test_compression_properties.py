@@ -17,6 +17,7 @@ CONFIGS = [
     PipelineConfig(quantize="qsgd", levels=127, bucket=16),
     PipelineConfig(quantize="uniform", bits=8),
     PipelineConfig(sparsify="topk", density=1.0, quantize="kmeans", clusters=256),
+    PipelineConfig(sparsify="topk", density=0.05, quantize="kmeans", clusters=3, dense_below=50),
 ]
 
 shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=9)
