@@ -40,6 +40,29 @@ refuses it (undecodable, wrong keys, shapes or dtypes, NaN/Inf, bad ``num-exampl
 ``AsyncResult.write_ledger`` exports the accepted updates with their message ids and the version
 each was applied in.
 
+Jobs that never finish
+----------------------
+Every job sent gets exactly one row in ``result.updates`` (so ``len(updates)`` equals the
+``jobs-dispatched`` counter): a reply (accepted or rejected), an error reply, or a job the
+engine gave up on, with its reason: ``job timeout`` (no reply ``timeout`` wall seconds after
+it was sent; also the message TTL), ``node vanished`` (its SuperNode left
+``grid.get_node_ids()``, e.g. Flower marked it offline after missed heartbeats), ``push failed
+on resume``, and, for jobs still out when the run stops, ``in flight at the end``.
+With ``drain_timeout > 0`` the engine first waits, up to that many wall seconds, for those
+jobs to end the normal way (strategy hooks are no longer called; a valid reply is recorded and
+discarded as ``reply after the run ended``). Counters: ``jobs-abandoned`` (timeouts, vanished
+nodes) and ``jobs-unfinished`` (rows written at the end).
+
+Server cost
+-----------
+``server-overhead-s`` is the engine loop's wall time (dispatch, Grid calls, handling; not the
+sleeps between idle polls) minus evaluation. CPU, measured with ``time.thread_time`` in the engine's
+thread: ``engine-cpu-s`` covers only the handling of events (validation and decoding of each
+reply, the strategy's hooks with their aggregation, ``commit``, checkpoints not included) and
+``engine-cpu-ms-per-update`` divides it by the updates applied; ``server-cpu-s`` is the whole
+loop (also building and pushing messages, pulling and deserialising replies, polling), both
+without ``evaluate_fn`` (``evaluate-cpu-s``).
+
 Checkpoint and resume
 ---------------------
 With ``checkpoint_dir`` and ``checkpoint_every = N`` the engine writes a checkpoint
@@ -117,7 +140,7 @@ from flwr.serverapp import Grid
 
 from flwr_ext.asyncfl.checkpoint import load_checkpoint, save_checkpoint
 from flwr_ext.asyncfl.clock import RealClock, VirtualClock
-from flwr_ext.asyncfl.records import AsyncResult, UpdateRecord
+from flwr_ext.asyncfl.records import IN_FLIGHT_AT_END, AsyncResult, UpdateRecord
 from flwr_ext.asyncfl.validate import extract_reply, to_numpy
 
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
@@ -269,6 +292,7 @@ class AsyncStrategy:
         resume_from: str | None = None,
         max_reply_bytes: int = 0,
         ledger_path: str | None = None,
+        drain_timeout: float = 0.0,
     ) -> AsyncResult:
         """Run until ``num_rounds`` server model updates (or ``max_time`` / ``wall_timeout``).
 
@@ -310,6 +334,10 @@ class AsyncStrategy:
         ledger_path : str, optional
             Write the ledger of accepted updates (message ids, node, versions) there at the end
             (:meth:`AsyncResult.write_ledger`).
+        drain_timeout : float
+            After the run ends, keep pulling for up to this many wall seconds until every job
+            still in flight has replied, failed or timed out (see "Jobs that never finish" in
+            the module docstring). 0: do not wait.
         """
         engine = AsyncEngine(
             self,
@@ -330,6 +358,7 @@ class AsyncStrategy:
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             max_reply_bytes=max_reply_bytes,
+            drain_timeout=drain_timeout,
         )
         result = engine.run(initial_arrays, resume_from=resume_from)
         if csv_path:
@@ -403,6 +432,7 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 0,
         max_reply_bytes: int = 0,
+        drain_timeout: float = 0.0,
     ) -> None:
         self.strategy = strategy
         self.grid = grid
@@ -423,6 +453,8 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
         self.checkpoint_dir = checkpoint_dir or None
         self.checkpoint_every = max(0, int(checkpoint_every))
         self.max_reply_bytes = max(0, int(max_reply_bytes))
+        self.drain_timeout = max(0.0, float(drain_timeout))
+        self._draining = False
         self._last_checkpoint = 0
 
         self.nodes: dict[int, NodeState] = {}
@@ -454,11 +486,16 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
                 "nodes-retired",
                 "nodes-discovered",
                 "clock-violations",
+                "jobs-abandoned",
+                "jobs-unfinished",
             )
         }
         self.reasons: dict[str, int] = {}
         self._overhead = 0.0
         self._eval_time = 0.0
+        self._eval_cpu = 0.0
+        self._handle_cpu = 0.0
+        self._loop_cpu = 0.0
         self._wall0 = time.monotonic()
 
     # ------------------------------------------------------------------ public API for hooks
@@ -559,12 +596,19 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
             if time.monotonic() - last_node_poll > self.node_poll_interval:
                 self._poll_nodes()
                 last_node_poll = time.monotonic()
-            t0 = time.perf_counter()
+            t0, c0, e0, ec0 = (
+                time.perf_counter(),
+                time.thread_time(),
+                self._eval_time,
+                self._eval_cpu,
+            )
             self._dispatch()
             got = self._pull()
             self._check_job_timeouts()
             handled = self._process_ready()
-            self._overhead += time.perf_counter() - t0
+            # evaluation is not server overhead
+            self._overhead += time.perf_counter() - t0 - (self._eval_time - e0)
+            self._loop_cpu += time.thread_time() - c0 - (self._eval_cpu - ec0)
             if self._done():
                 break
             if self._stalled():
@@ -576,9 +620,50 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
         self.strategy.on_finish(self)
         if self.version not in self.result.evaluate_metrics_serverapp:
             self._evaluate()
+        self._drain()
+        self._record_unfinished()
         return self._finish()
 
-    # ------------------------------------------------------------------ checkpoint / resume
+    def _drain(self) -> None:
+        """After the run: wait (up to ``drain_timeout``) for the jobs still in flight.
+
+        Each ends as it would during the run (reply, error reply, job timeout, node vanished)
+        and gets its row; a valid reply is discarded with the reason "reply after the run
+        ended". Strategy hooks are not called any more and the model does not change.
+        """
+        if not self.drain_timeout or not self.in_flight:
+            return
+        self._draining = True
+        deadline = time.monotonic() + self.drain_timeout
+        last_node_poll = time.monotonic()
+        log(INFO, "Draining %d jobs still in flight", len(self.in_flight))
+        while self.in_flight and time.monotonic() < deadline:
+            if time.monotonic() - last_node_poll > self.node_poll_interval:
+                self._poll_nodes()
+                last_node_poll = time.monotonic()
+            c0 = time.thread_time()
+            got = self._pull()
+            self._check_job_timeouts()
+            while self._events:
+                t, *_, payload = heapq.heappop(self._events)
+                if payload[0] != "timer":
+                    self.clock.advance(max(self.now, t))
+                    self._handle_event(payload)
+            self._loop_cpu += time.thread_time() - c0
+            if not got:
+                time.sleep(self.poll_interval)
+
+    def _record_unfinished(self) -> None:
+        """One row per job sent that never finished, reason "in flight at the end".
+
+        A reply already pulled whose event lies after the end counts as in flight too (under
+        a virtual clock it finishes later; which replies were pulled depends on arrival order).
+        """
+        for job in sorted(self.in_flight.values(), key=lambda j: (j.node.ident, j.job_index)):
+            self._count_reason(IN_FLIGHT_AT_END)
+            self._record(job, None, accepted=False, reason=IN_FLIGHT_AT_END)
+        self.counters["jobs-unfinished"] = float(len(self.in_flight))
+
     def snapshot(self) -> dict[str, Any]:
         """Everything needed to continue the run (see "Checkpoint and resume").
 
@@ -613,6 +698,7 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
             },
             "overhead": self._overhead,
             "eval_time": self._eval_time,
+            "cpu": (self._loop_cpu, self._handle_cpu, self._eval_cpu),
         }
 
     def _maybe_checkpoint(self) -> None:
@@ -662,6 +748,7 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
         self._timers_seq, self._seq = int(st["timers_seq"]), int(st["seq"])
         self._num_seen_nodes = int(st["num_seen_nodes"])
         self._overhead, self._eval_time = float(st["overhead"]), float(st["eval_time"])
+        self._loop_cpu, self._handle_cpu, self._eval_cpu = st.get("cpu", (0.0, 0.0, 0.0))
         self._last_checkpoint = self.version
         self._wait_for_nodes()
         self._rebind_nodes(st["nodes"])
@@ -831,7 +918,7 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
             if nid not in present and not node.retired:
                 self._retire(node, "node vanished")
                 for mid, job in list(self.in_flight.items()):
-                    if job.node is node:
+                    if job.node is node and mid not in self._replied:
                         self._abandon(mid, job, "node vanished")
 
     def _retire(self, node: NodeState, reason: str) -> None:
@@ -841,11 +928,17 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
         log(WARNING, "Retiring node %d (key %d): %s", node.node_id, node.ident, reason)
 
     def _abandon(self, mid: str, job: Job, reason: str) -> None:
+        """Give up on a job that will not be answered; it gets its row with ``reason``."""
         self.in_flight.pop(mid, None)
+        self._replied.discard(mid)
         self._ledger.add(mid)
         job.node.busy = False
+        job.t_finish = self.now
         self._count_reason(reason)
-        self.strategy.on_job_failed(self, job, reason)
+        self._record(job, None, accepted=False, reason=reason)
+        self.counters["jobs-abandoned"] += 1
+        if not self._draining:
+            self.strategy.on_job_failed(self, job, reason)
         self._gc_versions()
 
     def _candidate_keys(self) -> range:
@@ -983,20 +1076,26 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
                 break
             *_, payload = heapq.heappop(self._events)
             self.clock.advance(t)
-            kind = payload[0]
-            if kind == "timer":
-                if not payload[1].cancelled:
-                    self.strategy.on_timer(self, payload[1])
-            elif kind == "error":
-                self._handle_error(payload[1], payload[2])
-            elif kind == "reject":
-                self._reject(payload[1], payload[2], 0)
-            else:
-                self._handle_reply(payload[1], payload[2], payload[3])
+            self._handle_event(payload)
             handled += 1
             self._dispatch()
             self._maybe_checkpoint()
         return handled
+
+    def _handle_event(self, payload: tuple) -> None:
+        """Handle one event; its thread CPU time (minus evaluation) is the engine's own cost."""
+        c0, e0 = time.thread_time(), self._eval_cpu
+        kind = payload[0]
+        if kind == "timer":
+            if not payload[1].cancelled and not self._draining:
+                self.strategy.on_timer(self, payload[1])
+        elif kind == "error":
+            self._handle_error(payload[1], payload[2])
+        elif kind == "reject":
+            self._reject(payload[1], payload[2], 0)
+        else:
+            self._handle_reply(payload[1], payload[2], payload[3])
+        self._handle_cpu += time.thread_time() - c0 - (self._eval_cpu - e0)
 
     def _finish_job(self, job: Job) -> None:
         self.in_flight.pop(job.msg_id, None)
@@ -1013,7 +1112,8 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
         log(WARNING, "Job %d of node %d failed: %s", job.job_index, node.ident, reason)
         if node.failures >= self.max_failures and not node.retired:
             self._retire(node, f"{node.failures} consecutive failures")
-        self.strategy.on_job_failed(self, job, reason)
+        if not self._draining:
+            self.strategy.on_job_failed(self, job, reason)
 
     def _handle_error(self, job: Job, reason: str) -> None:
         self._finish_job(job)
@@ -1060,7 +1160,10 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
             staleness=self.version - job.version,
         )
         update.record = self._record(job, update, accepted=True, reason="", bytes_up=bytes_up)
-        self.strategy.on_update(self, update)
+        if self._draining:
+            self.discard(update, "reply after the run ended")
+        else:
+            self.strategy.on_update(self, update)
         self._gc_versions()
 
     def _check_job_timeouts(self) -> None:
@@ -1069,10 +1172,9 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
             if mid not in self._replied and now - job.wall_dispatch > self.job_timeout:
                 self.counters["job-timeouts"] += 1
                 job.node.failures += 1
-                self._record(job, None, accepted=False, reason="job timeout")
-                self._abandon(mid, job, "job timeout")
                 if job.node.failures >= self.max_failures and not job.node.retired:
                     self._retire(job.node, "repeated timeouts")
+                self._abandon(mid, job, "job timeout")
 
     def _record(
         self,
@@ -1124,10 +1226,11 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
     def _evaluate(self) -> None:
         if self.evaluate_fn is None:
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         _, arrays, _ = self._versions[self.version]
         res = self.evaluate_fn(self.version, arrays)
         self._eval_time += time.perf_counter() - t0
+        self._eval_cpu += time.thread_time() - c0
         if res is None:
             return
         res = MetricRecord(dict(res))
@@ -1140,13 +1243,20 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
     def _finish(self) -> AsyncResult:
         self.result.arrays = self._versions[self.version][1]
         applied = [r.staleness for r in self.result.updates if r.applied_in >= 0]
+        applied_n = int(self.counters["updates-applied"])
         self.result.counters = {
             **{k: float(v) for k, v in self.counters.items()},
             "versions": float(self.version),
             "final-time": float(self.now),
             "wall-time": float(time.monotonic() - self._wall0),
-            "server-overhead-s": float(self._overhead - self._eval_time),
+            "server-overhead-s": float(self._overhead),
+            "server-cpu-s": float(self._loop_cpu),
+            "engine-cpu-s": float(self._handle_cpu),
+            "engine-cpu-ms-per-update": (
+                1000.0 * self._handle_cpu / applied_n if applied_n else float("nan")
+            ),
             "evaluate-s": float(self._eval_time),
+            "evaluate-cpu-s": float(self._eval_cpu),
             "mean-staleness": float(np.mean(applied)) if applied else 0.0,
         }
         self.result.reasons = dict(self.reasons)

@@ -8,10 +8,19 @@ from pathlib import Path
 
 from flwr.serverapp.strategy import Result
 
+#: ``reason`` of the row written for a job still in flight when the run ended.
+IN_FLIGHT_AT_END = "in flight at the end"
+#: Reasons of the rows of jobs that got no reply at all (the engine gave up on them).
+NO_REPLY_REASONS = ("job timeout", "node vanished", "push failed on resume", IN_FLIGHT_AT_END)
+
 
 @dataclass
 class UpdateRecord:
-    """One finished job: when, from whom, how stale, and what happened to it.
+    """One job sent: when it ended, from whom, how stale, and what happened to it.
+
+    Every job the engine sent has one record: its reply (accepted, or rejected with a
+    reason), an error reply, a job given up on (``job timeout``, ``node vanished``), or
+    :data:`IN_FLIGHT_AT_END`.
 
     ``time`` is the clock time (virtual or wall) at which the engine handled the reply;
     ``applied_in`` the server model version it contributed to (``-1``: never applied);
@@ -55,6 +64,11 @@ class AsyncResult(Result):
     counters: dict[str, float] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
     stop_reason: str = ""
+
+    @property
+    def finished(self) -> list[UpdateRecord]:
+        """The records of jobs that ended during the run (all but :data:`IN_FLIGHT_AT_END`)."""
+        return [r for r in self.updates if r.reason != IN_FLIGHT_AT_END]
 
     def write_csv(self, path: str | Path) -> Path:
         """Write the per-update records as CSV; return the path."""

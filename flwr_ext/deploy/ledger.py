@@ -2,8 +2,10 @@
 
 An :class:`~flwr_ext.asyncfl.AsyncResult` run with ``output-dir`` leaves, for strategy ``name``:
 
-* ``<name>-updates.csv``: one row per finished job (``msg_id``, ``node_id``, ``job``,
-  ``accepted``, ``reason``, ``applied_in`` = the model version it went into, ``-1`` if none);
+* ``<name>-updates.csv``: one row per job sent (``msg_id``, ``node_id``, ``job``,
+  ``accepted``, ``reason``, ``applied_in`` = the model version it went into, ``-1`` if none):
+  its reply, or why there was none (``job timeout``, ``node vanished``, ``in flight at the
+  end``, ...);
 * ``<name>-ledger.csv``: one row per accepted update, by the message id of the train
   instruction it answered (written by the engine);
 * ``<name>-counters.json``: engine counters and stop reason;
@@ -16,7 +18,8 @@ accepted update that was neither applied, nor discarded with a reason, nor still
 strategy's buffer when the run ended. An update still waiting at the end counts as lost when it
 arrived before the last model version was made (FedAsync and FedBuff use every waiting update
 in their next commit; FedCompass discards held ones with a reason when the run ends), or when
-more are waiting than ``max_pending`` (FedBuff: ``buffer-size - 1``).
+more are waiting than ``max_pending`` (FedBuff: ``buffer-size - 1``). "Unaccounted" means a
+job the engine counted as sent (``jobs-dispatched``) without a row, or a row too many.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from flwr_ext.asyncfl.records import NO_REPLY_REASONS
 
 
 @dataclass
@@ -47,6 +52,9 @@ class LedgerReport:
     counter_mismatch: list[str] = field(default_factory=list)
     duplicate_replies: int = 0
     unknown_replies: int = 0
+    jobs_sent: int = -1
+    unaccounted_jobs: int = 0
+    no_reply: dict[str, int] = field(default_factory=dict)
     client_replies: int = -1
     phantom: int = -1
     unrecorded_client_replies: int = -1
@@ -63,6 +71,7 @@ class LedgerReport:
             self.version_mismatch,
             self.duplicate_replies,
             self.unknown_replies,
+            self.unaccounted_jobs,
             max(self.phantom, 0),
         )
         return not any(bad) and not self.counter_mismatch
@@ -160,6 +169,10 @@ def check_run(
     ):
         if int(counters.get(key, -1)) != mine:
             rep.counter_mismatch.append(f"{key}: counters {counters.get(key)} vs rows {mine}")
+    if "jobs-unfinished" in counters:  # an engine that writes a row for every job sent
+        rep.jobs_sent = int(counters.get("jobs-dispatched", 0))
+        rep.unaccounted_jobs = abs(rep.jobs_sent - len(rows))
+    rep.no_reply = dict(Counter(r["reason"] for r in rows if r["reason"] in NO_REPLY_REASONS))
     rep.duplicate_replies = int(counters.get("duplicate-replies", 0))
     rep.unknown_replies = int(counters.get("unknown-replies", 0))
 

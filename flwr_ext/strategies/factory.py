@@ -81,8 +81,15 @@ def build_start_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
         "min_nodes": _get(cfg, "min-train-nodes", 2),
         "wall_timeout": wall if wall > 0 else None,
         "max_reply_bytes": _get(cfg, "max-reply-bytes", 0),
+        # only when set, so callers that pass them themselves keep working
+        **{kw: float(cfg[key]) for key, kw in _OPTIONAL_KEYS.items() if key in cfg},
         **build_checkpoint_kwargs(cfg),
     }
+
+
+#: Run-config keys passed to ``start`` only when present: ``poll-interval`` (seconds between two
+#: pulls when nothing arrived) and ``drain-timeout`` (wait for jobs in flight after the end).
+_OPTIONAL_KEYS = {"poll-interval": "poll_interval", "drain-timeout": "drain_timeout"}
 
 
 def build_checkpoint_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:

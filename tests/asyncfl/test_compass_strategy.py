@@ -119,7 +119,7 @@ def test_late_arrivals_and_deadlines_through_engine(tmp_path) -> None:
     assert np.all(w > 0.5) and np.all(w < 4.0)
     # every accepted update was applied, or discarded (with a reason) when the run ended
     # while it waited for its group / sat in the late buffer
-    for r in result.updates:
+    for r in result.finished:
         assert r.applied_in >= 0 or (not r.accepted and r.reason.startswith("fedcompass"))
 
 

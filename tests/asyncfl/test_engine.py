@@ -43,7 +43,8 @@ def test_fedasync_steps_by_hand():
     m = res.train_metrics_clientapp
     assert list(m[1]["staleness"]) == [0] and list(m[2]["staleness"]) == [1]
     assert m[2]["alpha-t"] == pytest.approx(a2)
-    assert [r.staleness for r in res.updates] == [0, 1]
+    assert [r.staleness for r in res.finished] == [0, 1]
+    assert [r.reason for r in res.updates[2:]] == ["in flight at the end"]
 
 
 def test_fedbuff_flushes_by_hand():

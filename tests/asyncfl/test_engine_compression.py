@@ -100,7 +100,7 @@ def test_lossless_compressed_equals_uncompressed_with_per_node_reference(make) -
 
 def test_corrupt_payload_skipped_counted_and_bytes_recorded(tmp_path) -> None:
     res = _run(_Clients("fedzip", corrupt_pid=2), FedAsync(alpha=0.5), rounds=10, max_failures=3)
-    rejected = [r for r in res.updates if not r.accepted]
+    rejected = [r for r in res.finished if not r.accepted]
     assert rejected and all(r.node == 2 for r in rejected)
     assert all(r.reason.startswith("corrupt payload") for r in rejected)
     assert res.reasons.get("corrupt payload") == len(rejected)
@@ -110,7 +110,8 @@ def test_corrupt_payload_skipped_counted_and_bytes_recorded(tmp_path) -> None:
     assert np.all(np.isfinite(res.arrays["w"].numpy()))
     # bytes per update are those received (compressed), for dropped replies too
     raw = _init().count_bytes()
-    assert all(0 < r.bytes_up < raw / 20 for r in res.updates)
+    assert all(0 < r.bytes_up < raw / 20 for r in res.finished)
+    assert all(r.bytes_up == 0 for r in res.updates if r not in res.finished)  # no reply
     path = write_update_bytes(res.updates, tmp_path / "bytes.csv")
     rows = list(csv.DictReader(path.open()))
     assert len(rows) == len(res.updates)
@@ -124,23 +125,23 @@ def test_virtual_upload_time_follows_compressed_bytes() -> None:
     comp = _run(_Clients("fedzip"), FedAsync(alpha=0.5), rounds=8)
     up_bps = PROFILE.up_mbps * 1e6
     for res in (plain, comp):
-        for r in res.updates:
+        for r in res.finished:
             # duration = download + compute + upload; only the upload depends on bytes_up
             down = 8.0 * r.bytes_down / (PROFILE.down_mbps * 1e6)
             rest = r.duration - down - 8.0 * r.bytes_up / up_bps
             steps = PROFILE.default_steps  # random_client reports no num-steps
             assert rest == pytest.approx(steps * PROFILE.mean_step_time, abs=1e-6)
-    mean_up = np.mean([r.bytes_up for r in comp.updates])
-    assert mean_up < np.mean([r.bytes_up for r in plain.updates]) / 20
+    mean_up = np.mean([r.bytes_up for r in comp.finished])
+    assert mean_up < np.mean([r.bytes_up for r in plain.finished]) / 20
     # the same number of updates takes far less virtual time when replies are compressed
-    assert comp.updates[-1].time < plain.updates[-1].time / 5
+    assert comp.finished[-1].time < plain.finished[-1].time / 5
 
 
 def test_mod_reads_preset_from_run_config_per_message() -> None:
     clients = _Clients(None)
     clients.mod = compression_mod(None)
     res = _run(clients, FedAsync(alpha=0.5), rounds=4)
-    assert all(r.accepted for r in res.updates)
+    assert all(r.accepted for r in res.finished)
     first = res.updates[0].bytes_up
     clients.run_config["compression"] = "none"
     res2 = _run(clients, FedAsync(alpha=0.5), rounds=4)

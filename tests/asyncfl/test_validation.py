@@ -81,7 +81,7 @@ def test_bad_reply_is_skipped_counted_and_run_goes_on(kind):
         max_reply_bytes=20_000,
     )
     assert res.stop_reason == "num_rounds reached"
-    bad = [r for r in res.updates if r.node == 1]
+    bad = [r for r in res.finished if r.node == 1]
     assert bad and all(not r.accepted and r.applied_in == -1 for r in bad)
     assert all(r.reason.startswith(REASONS[kind]) for r in bad), {r.reason for r in bad}
     assert res.counters["updates-rejected"] == len(bad)
@@ -138,7 +138,7 @@ def test_duplicates_forged_ids_and_wrong_types_are_dropped_and_ledger_is_exactly
     assert res.reasons["reply to a message already processed"] == grid.injected["duplicate"]
     assert res.reasons["reply to a message never sent"] == grid.injected["forged"]
     # rejected before its metrics are read, node 2 is known by node id only
-    typed = [r for r in res.updates if grid.partition[r.node_id] == 2]
+    typed = [r for r in res.finished if grid.partition[r.node_id] == 2]
     assert typed and all(r.reason.startswith("unexpected message type") for r in typed)
     assert all(r.applied_in == -1 for r in typed)
 

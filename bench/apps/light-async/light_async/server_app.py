@@ -7,8 +7,9 @@ counters, reasons, stop reason, and the ServerApp's own process CPU time and wal
 around ``strategy.start``), and ``<strategy>-started.json`` just before the strategy starts (a
 load test starts its CPU window there).
 
-Besides the ``build_strategy`` keys it reads ``poll-interval`` (seconds between two
-``grid.pull_messages`` calls of the engine when nothing arrived; the engine default is 0.02).
+Engine keys (``build_start_kwargs``) include ``poll-interval`` (seconds between two
+``grid.pull_messages`` calls of the engine when nothing arrived; default 0.02) and
+``drain-timeout`` (wait for jobs still in flight after the end).
 """
 
 from __future__ import annotations
@@ -60,7 +61,6 @@ def main(grid: Grid, context: Context) -> None:
         timeout=float(cfg.get("timeout", 120.0)),
         train_config=train_config,
         evaluate_fn=evaluate_fn,
-        poll_interval=float(cfg.get("poll-interval", 0.02)),
         **build_start_kwargs(cfg),
     )
     cpu1, wall1 = time.process_time(), time.monotonic()
