@@ -155,7 +155,7 @@ def tokenize_example(
     right; if no response token survives, ``None`` is returned (the caller counts it).
     """
     prompt = format_prompt(record["instruction"], record.get("input", ""), template, tokenizer)
-    p_ids = tokenizer(prompt, add_special_tokens=template != "chat").input_ids
+    p_ids = tokenizer(prompt, add_special_tokens=not template.startswith("chat")).input_ids
     r_ids = tokenizer(record["output"], add_special_tokens=False).input_ids
     if tokenizer.eos_token_id is not None:
         r_ids = [*r_ids, tokenizer.eos_token_id]

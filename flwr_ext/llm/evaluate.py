@@ -38,7 +38,10 @@ def generate_answers(
                 for r in chunk
             ]
             enc = tokenizer(
-                prompts, return_tensors="pt", padding=True, add_special_tokens=template != "chat"
+                prompts,
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=not template.startswith("chat"),
             )
             gen = model.generate(
                 **enc,

@@ -30,7 +30,16 @@ DATA_KEYS = (
     "num-eval-examples",
     "eval-fraction",
     "seed",
+    "categories",
 )
+# Optional keys (an app whose pyproject lacks them gets these values).
+DATA_DEFAULTS: dict[str, Any] = {"categories": ""}
+
+
+def categories_of(cfg: Mapping[str, Any]) -> list[str] | None:
+    """``categories = "extract,convert"``: the synthetic categories to generate (``""``: all)."""
+    text = str(cfg.get("categories", "") or "").strip()
+    return [c.strip() for c in text.split(",") if c.strip()] or None
 
 
 @lru_cache(maxsize=4)
@@ -38,8 +47,11 @@ def _split(key: tuple) -> tuple[list[dict], list[dict], dict[str, int]]:
     cfg = dict(key)
     seed = int(cfg["seed"])
     if cfg["dataset"] == "synthetic":
-        train = generate_tasks(int(cfg["num-train-examples"]), seed=seed)
-        held = generate_tasks(int(cfg["num-eval-examples"]), seed=seed + 1, exclude=train)
+        cats = categories_of(cfg)
+        train = generate_tasks(int(cfg["num-train-examples"]), seed=seed, categories=cats)
+        held = generate_tasks(
+            int(cfg["num-eval-examples"]), seed=seed + 1, categories=cats, exclude=train
+        )
         return train, held, {"kept": len(train)}
     stats = DataStats()
     recs = load_instructions(str(cfg["dataset"]), layout=str(cfg["dataset-layout"]), stats=stats)
@@ -55,13 +67,39 @@ def train_eval_records(cfg: Mapping[str, Any]) -> tuple[list[dict], list[dict], 
     """``(train records, held-out records, load stats)``, deterministic in the config.
 
     ``dataset = "synthetic"`` generates ``num-train-examples`` and ``num-eval-examples`` disjoint
-    tasks; a file or hub dataset is shuffled with ``seed`` and ``eval-fraction`` of it held out.
+    tasks (balanced over ``categories``, default all); a file or hub dataset is shuffled with
+    ``seed`` and ``eval-fraction`` of it held out.
     """
-    return _split(tuple((k, cfg[k]) for k in DATA_KEYS))
+    return _split(tuple((k, cfg.get(k, DATA_DEFAULTS.get(k))) for k in DATA_KEYS))
+
+
+def data_partition(
+    cfg: Mapping[str, Any], partition_id: int, num_partitions: int
+) -> tuple[int, int]:
+    """The data partition a node trains on: ``(partition id, number of partitions)``.
+
+    By default one partition per node (the node's ``partition-id`` of ``num-partitions``). With
+    ``data-partitions = K`` the data is split ``K`` ways whatever the number of nodes, and
+    ``data-partition-ids = "2"`` (or ``"0,2"``) maps node ``i`` to data partition ``ids[i]``: a
+    one-node run on partition 2 of 3 is that client training alone (the local-only baseline of
+    FedIT), with the same training code, schedule and evaluation as the federated run.
+    """
+    k = int(cfg.get("data-partitions", 0) or 0)
+    text = str(cfg.get("data-partition-ids", "") or "").strip()
+    ids = [int(i) for i in text.split(",") if i.strip()]
+    if k <= 0:
+        if ids:
+            raise ValueError("data-partition-ids needs data-partitions > 0")
+        return partition_id, num_partitions
+    pid = ids[partition_id] if ids else partition_id
+    if not 0 <= pid < k:
+        raise ValueError(f"data partition {pid} of node {partition_id} not in [0, {k})")
+    return pid, k
 
 
 def client_records(cfg: Mapping[str, Any], partition_id: int, num_partitions: int) -> list[dict]:
     """The training records of one client, partitioned with flwr-datasets."""
+    partition_id, num_partitions = data_partition(cfg, partition_id, num_partitions)
     train, _, _ = train_eval_records(cfg)
     partitioner = make_partitioner(
         str(cfg["partitioner"]),
@@ -97,10 +135,12 @@ def evaluate(
     held_out: Sequence[dict[str, str]],
     examples: Sequence[dict[str, list[int]]],
     out_dir: str | Path,
+    generate: bool = True,
 ) -> dict[str, float]:
     """:func:`~flwr_ext.llm.evaluate.evaluate_model` with the ``eval-*`` keys.
 
-    Sample generations are appended to ``<out_dir>/samples.jsonl``.
+    Sample generations are appended to ``<out_dir>/samples.jsonl``. ``generate=False`` skips
+    generation (exact match) in this call even when ``eval-generate`` is on.
     """
     return evaluate_model(
         model,
@@ -112,5 +152,5 @@ def evaluate(
         batch_size=int(cfg["eval-batch-size"]),
         samples_path=Path(out_dir) / "samples.jsonl",
         num_samples=int(cfg["eval-num-samples"]),
-        generate=bool(cfg["eval-generate"]),
+        generate=bool(cfg["eval-generate"]) and generate,
     )

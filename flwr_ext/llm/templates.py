@@ -19,7 +19,16 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
-TEMPLATES = ("alpaca", "chat")
+# Alpaca's section headers without its one-sentence preamble (~30 fewer tokens per example):
+# on a small model at a few hundred training steps the preamble costs compute and teaches nothing.
+ALPACA_SHORT_WITH_INPUT = (
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_SHORT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+# System turn used by "chat-short" instead of the tokenizer's default one (SmolLM2's chat
+# template inserts "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
+SHORT_SYSTEM = "Answer with the result only."
+TEMPLATES = ("alpaca", "alpaca-short", "chat", "chat-short")
 
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002
@@ -29,14 +38,30 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002
     return ALPACA_NO_INPUT.format(instruction=instruction)
 
 
-def chat_prompt(tokenizer: Any, instruction: str, input: str = "") -> str:  # noqa: A002
-    """Render a single user turn with the tokenizer's chat template, ready for the answer."""
+def alpaca_short_prompt(instruction: str, input: str = "") -> str:  # noqa: A002
+    """Render the Alpaca section headers without the preamble sentence."""
+    if input and input.strip():
+        return ALPACA_SHORT_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_SHORT_NO_INPUT.format(instruction=instruction)
+
+
+def chat_prompt(
+    tokenizer: Any,
+    instruction: str,
+    input: str = "",  # noqa: A002
+    system: str | None = None,
+) -> str:
+    """Render a single user turn with the tokenizer's chat template, ready for the answer.
+
+    ``system`` adds an explicit system turn (which replaces a template's default system prompt).
+    """
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("template='chat' needs a tokenizer with a chat_template")
     content = instruction if not (input and input.strip()) else f"{instruction}\n\n{input}"
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
+    messages = [{"role": "user", "content": content}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def format_prompt(
@@ -51,13 +76,20 @@ def format_prompt(
     ----------
     instruction, input : str
         The record's instruction and optional context.
-    template : {"alpaca", "chat"}
-        ``"alpaca"``: the Alpaca template. ``"chat"``: ``tokenizer.apply_chat_template``.
+    template : {"alpaca", "alpaca-short", "chat", "chat-short"}
+        ``"alpaca"``: the Alpaca template. ``"alpaca-short"``: its section headers without the
+        preamble. ``"chat"``: ``tokenizer.apply_chat_template`` (with the template's default
+        system prompt, if any). ``"chat-short"``: the same with the one-line system turn
+        :data:`SHORT_SYSTEM`.
     tokenizer : PreTrainedTokenizerBase, optional
         Needed for ``template="chat"``.
     """
     if template == "alpaca":
         return alpaca_prompt(instruction, input)
+    if template == "alpaca-short":
+        return alpaca_short_prompt(instruction, input)
     if template == "chat":
         return chat_prompt(tokenizer, instruction, input)
+    if template == "chat-short":
+        return chat_prompt(tokenizer, instruction, input, system=SHORT_SYSTEM)
     raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")

@@ -185,3 +185,22 @@ def test_partitioners():
     assert min(len(p) for p in parts) >= 10 and sum(len(p) for p in parts) == 140
     with pytest.raises(ValueError):
         make_partitioner("nope", 2)
+
+
+def test_short_templates_render_the_same_fields(tok):
+    from flwr_ext.llm.templates import SHORT_SYSTEM, alpaca_short_prompt
+
+    short = alpaca_short_prompt("Reverse the word.", "abc")
+    assert short == "### Instruction:\nReverse the word.\n\n### Input:\nabc\n\n### Response:\n"
+    assert alpaca_prompt("Reverse the word.", "abc").endswith(short)
+    assert format_prompt("Say hi.", "", "alpaca-short") == alpaca_short_prompt("Say hi.")
+    chat = format_prompt("Say hi.", "", "chat-short", tok)
+    assert chat.endswith("<|im_start|>assistant\n")
+    assert f"<|im_start|>system\n{SHORT_SYSTEM}<|im_end|>" in chat
+    rec = {"instruction": "Say hi.", "input": "", "output": "hi"}
+    ex = tokenize_example(rec, tok, template="chat-short")
+    n_prompt = len(tok(chat, add_special_tokens=False).input_ids)
+    assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert tok.decode(ex["labels"][n_prompt:]) == "hi<|endoftext|>"
+    with pytest.raises(ValueError, match="unknown template"):
+        format_prompt("x", "", "nope")

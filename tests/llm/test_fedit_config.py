@@ -84,3 +84,23 @@ def test_flora_ranks_per_partition(tmp_path):
     assert [client_rank(cfg, i) for i in range(4)] == [2, 4, 8, 2]
     plain = validate(config(tmp_path, **{"flora-ranks": "2,4"}))
     assert client_rank(plain, 1) == plain["lora-r"]  # ranks only apply under flora
+
+
+def test_categories_and_local_only_data_partition(tmp_path):
+    from collections import Counter
+
+    from flwr_ext.llm.tasks import client_records, data_partition, train_eval_records
+
+    cfg = validate(config(tmp_path, categories="extract,convert,uppercase", partitioner="category"))
+    train, held, _ = train_eval_records(cfg)
+    assert set(Counter(r["category"] for r in train)) == {"extract", "convert", "uppercase"}
+    assert set(Counter(r["category"] for r in held)) == {"extract", "convert", "uppercase"}
+    # node 0 of a 1-node run on data partition 2 of 3 == node 2 of a 3-node run
+    local = dict(cfg, **{"data-partitions": 3, "data-partition-ids": "2"})
+    assert data_partition(local, 0, 1) == (2, 3)
+    assert data_partition(cfg, 1, 3) == (1, 3)
+    assert client_records(local, 0, 1) == client_records(cfg, 2, 3)
+    with pytest.raises(ValueError, match="not in"):
+        data_partition(dict(local, **{"data-partition-ids": "3"}), 0, 1)
+    with pytest.raises(ValueError, match="needs data-partitions"):
+        data_partition(dict(cfg, **{"data-partition-ids": "1"}), 0, 1)

@@ -16,12 +16,12 @@ from typing import Any
 
 from flwr_ext.llm.lora import apply_lora
 from flwr_ext.llm.models import load_model_and_tokenizer
+from flwr_ext.llm.templates import TEMPLATES
 from flwr_ext.llm.train import SCHEDULES
 
 AGGREGATIONS = ("fedit", "ffa", "flora")
 STRATEGIES = ("fedavg", "fedadam", "fedavg-timed", "fedasync", "fedbuff", "fedcompass")
 FLOWER_STRATEGIES = ("fedavg", "fedadam")
-TEMPLATES = ("alpaca", "chat")
 PARTITIONERS = ("iid", "category", "natural", "dirichlet")
 
 REQUIRED = (

@@ -1,7 +1,8 @@
 """ServerApp: run the strategy on adapter states, evaluate on a held-out split, checkpoint.
 
-Each round the server evaluates the global adapter (response loss, perplexity, exact match per
-category by greedy generation), logs loss and bytes, appends sample generations to
+Each round the server evaluates the global adapter (response loss, perplexity, and exact match per
+category by greedy generation on rounds that are multiples of ``eval-generate-every`` and the last
+round; 0 = last round only), logs loss and bytes, appends sample generations to
 ``<output-dir>/samples.jsonl``, and saves a PEFT checkpoint every ``checkpoint-every`` rounds and
 at the end. ``resume-from`` continues from a checkpoint: round index, adapter and strategy state.
 
@@ -140,7 +141,9 @@ def main(grid: Grid, context: Context) -> None:
             merge_stack(model, w0, state)  # the server's own LoRA B stays 0
         else:
             load_adapter_state(model, state)
-        m = evaluate(cfg, model, tok, held_out, eval_examples, out_dir)
+        every_gen = int(cfg.get("eval-generate-every", 1) or 0)
+        gen = rnd == num_rounds or (every_gen > 0 and rnd % every_gen == 0)
+        m = evaluate(cfg, model, tok, held_out, eval_examples, out_dir, generate=gen)
         m["adapter-bytes"] = arrays.count_bytes()
         m["round"] = rnd
         if flora:
