@@ -7,7 +7,7 @@ Record-level DP-SGD on LoRA adapters with an accountant that lives in ``context.
 References
 ----------
 Abadi et al. 2016 (DP-SGD); Liu et al. 2023 (DP-LoRA); McMahan et al. 2018 (client-level DP);
-Mironov 2017 (RDP).
+Mironov 2017 (RDP); Papernot et al. 2021 (tempered activations).
 """
 
 from .accounting import (
@@ -17,6 +17,7 @@ from .accounting import (
     calibrate_noise,
     compute_epsilon,
 )
+from .activations import replace_activations
 from .client_level import CLIENT_GUARANTEE, ClientLevelDP
 from .compression import DPCompressionError, check_dp_compression
 from .engine import GUARANTEE, DPConfig, DPLoRAEngine, check_adapter_only
@@ -40,4 +41,5 @@ __all__ = [
     "check_adapter_only",
     "check_dp_compression",
     "compute_epsilon",
+    "replace_activations",
 ]
