@@ -46,7 +46,8 @@ def replace_activations(
     try:
         factory = ACTIVATIONS[activation]
     except KeyError:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, not {activation!r}") from None
+        allowed = sorted(ACTIVATIONS)
+        raise ValueError(f"activation must be one of {allowed}, not {activation!r}") from None
     replaced = 0
     for parent in module.modules():
         for name, child in list(parent.named_children()):
