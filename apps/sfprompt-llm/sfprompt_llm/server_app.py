@@ -1,7 +1,8 @@
 """ServerApp: hold the frozen body, drive SFPrompt rounds, evaluate, write results.
 
 The server evaluates the averaged prompt and tail on the held-out split with fedit-llm's
-evaluation (response loss, perplexity, exact match per category) and writes
+evaluation (response loss, perplexity, and exact match per category on rounds that are multiples
+of ``eval-generate-every`` and the last round, as fedit-llm does) and writes
 ``<output-dir>/results.json`` with one row per round: bytes per kind and direction, clients
 finished and dropped, compute seconds on each side, and the split's sizes.
 """
@@ -40,9 +41,13 @@ def main(grid: Grid, context: Context) -> None:
     eval_examples = tokenize(cfg, held_out, tok)
     lm = PromptedLM(split)
 
+    num_rounds = int(cfg["num-server-rounds"])
+    every_gen = int(cfg.get("eval-generate-every", 1) or 0)
+
     def evaluate_fn(server_round: int, state: dict[str, np.ndarray]) -> dict[str, Any]:
         split.load_trainable_state(state)
-        return evaluate(cfg, lm, tok, held_out, eval_examples, out_dir)
+        gen = server_round == num_rounds or (every_gen > 0 and server_round % every_gen == 0)
+        return evaluate(cfg, lm, tok, held_out, eval_examples, out_dir, generate=gen)
 
     server = SFPromptServer(
         split,
@@ -68,7 +73,7 @@ def main(grid: Grid, context: Context) -> None:
         100 * sizes.trained_share,
         sizes.total_params,
     )
-    history = server.run(grid, int(cfg["num-server-rounds"]))
+    history = server.run(grid, num_rounds)
     summary = {
         "config": dict(cfg),
         "data": data_stats,
