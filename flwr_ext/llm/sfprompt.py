@@ -37,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from flwr_ext.llm.data import ResponseOnlyCollator
 from flwr_ext.llm.sfprompt_prune import el2n_scores, top_gamma
-from flwr_ext.llm.split import SplitModel, full_attention_mask
+from flwr_ext.llm.split import TAIL_PREFIX, SplitModel, full_attention_mask
 
 # message types (``@app.train("forward")`` receives ``train.forward``)
 START, FORWARD, TAIL, BACKWARD, FINISH = (
@@ -55,9 +55,15 @@ _S_PARAMS, _S_OPT, _S_META = "sfp.params", "sfp.opt", "sfp.meta"
 
 @dataclass
 class Adam:
-    """Adam (Kingma & Ba 2015) whose moments live in NumPy arrays (``context.state``-friendly)."""
+    """Adam (Kingma & Ba 2015) whose moments live in NumPy arrays (``context.state``-friendly).
+
+    ``tail_lr`` (if set) is the step size of the tail's parameters (``tail.*``) and ``lr`` that of
+    the prompt: a soft prompt wants a far larger step than LoRA adapters (Lester et al. 2021 use
+    0.3; LoRA is typically trained at 1e-4..3e-3).
+    """
 
     lr: float
+    tail_lr: float | None = None
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -81,7 +87,12 @@ class Adam:
             v = self.beta2 * v + (1 - self.beta2) * g * g
             m_hat = m / (1 - self.beta1**t)
             v_hat = v / (1 - self.beta2**t)
-            p.add_((-self.lr * m_hat / (v_hat.sqrt() + self.eps)).to(p.dtype))
+            lr = (
+                self.lr
+                if self.tail_lr is None or not name.startswith(TAIL_PREFIX)
+                else self.tail_lr
+            )
+            p.add_((-lr * m_hat / (v_hat.sqrt() + self.eps)).to(p.dtype))
             moments[f"m.{name}"], moments[f"v.{name}"] = m.numpy(), v.numpy()
             steps[name] = t
             p.grad = None
@@ -156,6 +167,10 @@ class SFPromptClient:
         meta["opt-names"] = list(steps)
         meta["opt-steps"] = [int(v) for v in steps.values()]
 
+    @staticmethod
+    def _adam(meta: ConfigRecord) -> Adam:
+        return Adam(float(meta["lr"]), float(meta.get("tail-lr", 0.0)) or None)
+
     def _kept(self, context: Context) -> list[int]:
         meta = self._meta(context)
         kept = meta.get("kept", None)
@@ -189,7 +204,8 @@ class SFPromptClient:
             pruned_now = 1
         moments: dict[str, np.ndarray] = {}
         steps: dict[str, int] = {}
-        adam = Adam(float(cfg["lr"]))
+        tail_lr = float(cfg.get("tail-lr", 0.0)) or None
+        adam = Adam(float(cfg["lr"]), tail_lr)
         kept = self._kept(context)
         losses = list(meta.get("local-losses", []))
         named = self.split.trainable_named_parameters()
@@ -205,6 +221,7 @@ class SFPromptClient:
             meta["local-losses"] = losses
         meta["round"] = rnd
         meta["lr"] = float(cfg["lr"])
+        meta["tail-lr"] = tail_lr or 0.0
         meta["compute-s"] = time.process_time() - t0
         self._save(context, moments, steps)
         metrics = {
@@ -240,7 +257,7 @@ class SFPromptClient:
         mask = full_attention_mask(batch["attention_mask"], self.split.num_virtual_tokens)
         loss = self.split.tail.loss(body_out, mask, batch["labels"])
         loss.backward()
-        Adam(float(meta["lr"])).step(self.split.trainable_named_parameters(), moments, steps)
+        self._adam(meta).step(self.split.trainable_named_parameters(), moments, steps)
         meta["losses"] = [*meta.get("losses", []), float(loss.detach())]
         self._save(context, moments, steps)
         grad = to_record({"grad": body_out.grad.numpy()})
@@ -255,7 +272,7 @@ class SFPromptClient:
         batch = self._batch(list(meta["batch"]))
         hidden, _ = self.split.head(batch["input_ids"], batch["attention_mask"])
         hidden.backward(torch.as_tensor(msg.content[GRAD]["grad"].numpy()))
-        Adam(float(meta["lr"])).step(self.split.trainable_named_parameters(), moments, steps)
+        self._adam(meta).step(self.split.trainable_named_parameters(), moments, steps)
         self._save(context, moments, steps)
         meta["compute-s"] = float(meta.get("compute-s", 0.0)) + time.process_time() - t0
         metrics = MetricRecord({"step": int(msg.content[CONFIG]["step"])})

@@ -154,6 +154,9 @@ class SFPromptServer:
         Local-loss steps (head -> tail, no server) per client per round; 0 disables the phase.
     lr : float or callable
         Client learning rate, or ``f(server_round) -> lr``.
+    tail_lr : float or callable, optional
+        Learning rate of the tail's trainable parameters if it differs from the prompt's
+        (``None``: ``lr`` for both).
     timeout : float
         Seconds to wait for the replies of one exchange.
     start_timeout : float, optional
@@ -176,6 +179,7 @@ class SFPromptServer:
         split_epochs: float = 0.0,
         local_steps: int = 0,
         lr: float | Callable[[int], float] = 1e-2,
+        tail_lr: float | Callable[[int], float] | None = None,
         timeout: float = 60.0,
         start_timeout: float | None = None,
         prune_gamma: float = 1.0,
@@ -190,6 +194,7 @@ class SFPromptServer:
         self.split_epochs = split_epochs
         self.local_steps = local_steps
         self.lr = lr
+        self.tail_lr = tail_lr
         self.timeout = timeout
         self.start_timeout = timeout if start_timeout is None else start_timeout
         self.prune_gamma = prune_gamma
@@ -203,6 +208,12 @@ class SFPromptServer:
 
     def _lr(self, rnd: int) -> float:
         return float(self.lr(rnd)) if callable(self.lr) else float(self.lr)
+
+    def _tail_lr(self, rnd: int) -> float:
+        """The tail's learning rate in ``rnd`` (0.0: the prompt's)."""
+        if self.tail_lr is None:
+            return 0.0
+        return float(self.tail_lr(rnd)) if callable(self.tail_lr) else float(self.tail_lr)
 
     def _num_steps(self, start_metrics: Any) -> int:
         """Split steps of one client this round: fixed, or epochs over its kept examples."""
@@ -288,6 +299,7 @@ class SFPromptServer:
             {
                 "server-round": server_round,
                 "lr": self._lr(server_round),
+                "tail-lr": self._tail_lr(server_round),
                 "local-steps": self.local_steps,
                 "prune": prune,
                 "prune-gamma": float(self.prune_gamma),

@@ -285,3 +285,40 @@ def test_epoch_mode_pruning_cuts_the_split_steps_and_the_bytes():
         client = get_client(cfg, ctx)
         seen = [i for s in range(4) for i in client._sample(kept, 2, s)]
         assert sorted(seen) == sorted(kept)
+
+
+def test_adam_tail_lr_steps_the_tail_and_the_prompt_by_their_own_rates():
+    import torch
+
+    from flwr_ext.llm.sfprompt import Adam
+
+    prompt = torch.nn.Parameter(torch.zeros(3))
+    tail = torch.nn.Parameter(torch.zeros(3))
+    g = torch.tensor([0.5, -2.0, 1e-3])
+    prompt.grad, tail.grad = g.clone(), g.clone()
+    moments, steps = {}, {}
+    Adam(0.1, tail_lr=0.002).step([("prompt", prompt), ("tail.w", tail)], moments, steps)
+    # first Adam step: m_hat = g, v_hat = g^2, update = -lr * g / (|g| + eps)
+    unit = g / (g.abs() + 1e-8)
+    torch.testing.assert_close(prompt.detach(), -0.1 * unit)
+    torch.testing.assert_close(tail.detach(), -0.002 * unit)
+    assert steps == {"prompt": 1, "tail.w": 1}
+
+
+def test_tail_lr_reaches_the_clients_and_moves_the_tail_less():
+    cfg = fused_run_config(APP, CFG)
+    moves = {}
+    for tail_lr in (None, 1e-9):
+        grid = LoopbackGrid(app, 2, cfg)
+        server = _server(cfg, split_steps=2, local_steps=1, lr=0.05, tail_lr=tail_lr)
+        before = dict(server.state)
+        server.run_round(grid, 1)
+        starts = [m for m in grid.sent if m.metadata.message_type == "train.start"]
+        assert {float(m.content["config"]["tail-lr"]) for m in starts} == {tail_lr or 0.0}
+        moves[tail_lr] = {k: float(np.abs(server.state[k] - before[k]).max()) for k in before}
+    assert len(moves[None]) > 1  # prompt and tail weights
+    for key in moves[None]:
+        if key == "prompt":  # the prompt's rate is 0.05 in both runs
+            assert moves[1e-9][key] > 1e-3 and moves[None][key] > 1e-3
+        else:  # each Adam step moves a weight by about its rate: 3 steps of 1e-9 vs of 0.05
+            assert moves[1e-9][key] < 1e-8 < 1e-3 < moves[None][key], key

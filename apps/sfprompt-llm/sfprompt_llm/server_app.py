@@ -49,12 +49,18 @@ def main(grid: Grid, context: Context) -> None:
         gen = server_round == num_rounds or (every_gen > 0 and server_round % every_gen == 0)
         return evaluate(cfg, lm, tok, held_out, eval_examples, out_dir, generate=gen)
 
+    def tail_lr_at(rnd: int) -> float:
+        """``tail-learning-rate`` on the same schedule as ``learning-rate``."""
+        scale = float(cfg["tail-learning-rate"]) / float(cfg["learning-rate"])
+        return lr_at(cfg, rnd) * scale
+
     server = SFPromptServer(
         split,
         split_steps=int(cfg["split-steps"]),
         split_epochs=float(cfg["split-epochs"]),
         local_steps=int(cfg["local-loss-steps"]),
         lr=lambda rnd: lr_at(cfg, rnd),
+        tail_lr=tail_lr_at if float(cfg.get("tail-learning-rate", 0.0)) > 0 else None,
         timeout=float(cfg["exchange-timeout"]),
         start_timeout=float(cfg["start-timeout"]),
         prune_gamma=float(cfg["prune-gamma"]),
