@@ -1,8 +1,10 @@
 """Baseline-local Flower apps for the digits DP-SGD sweep (library code only).
 
-The ClientApp trains ``DigitsCNN`` on its IID partition of scikit-learn's digits with
-:class:`flwr_ext.privacy.DPLoRAEngine` (``adapter_only=False``: the whole 38k-parameter CNN is
-trainable; there is no adapter on it), the accountant restored from ``context.state`` each round.
+The ClientApp trains ``DigitsCNN`` (``width``, ``hidden``; ``activation`` "tanh" swaps its
+ReLUs through :func:`flwr_ext.privacy.replace_activations`) on its IID partition of
+scikit-learn's digits with :class:`flwr_ext.privacy.DPLoRAEngine` (``adapter_only=False``:
+the whole CNN is trainable, 9,802 parameters with run_digits.py's defaults; there is no
+adapter on it), the accountant restored from ``context.state`` each round.
 The ServerApp runs Flower's ``FedAvg`` and evaluates the global model on the test split after
 the last round, writing a JSON row to ``output``.
 """
@@ -20,11 +22,18 @@ from flwr.serverapp.strategy import FedAvg
 from torch.utils.data import DataLoader, TensorDataset
 
 from flwr_ext.data.images import load_partition, load_test_set, to_tensors
-from flwr_ext.privacy import DPConfig, DPLoRAEngine
+from flwr_ext.privacy import DPConfig, DPLoRAEngine, replace_activations
 from flwr_ext.vision.model import DigitsCNN
 from flwr_ext.vision.train import evaluate
 
 client_app = ClientApp()
+
+
+def make_model(cfg: dict) -> DigitsCNN:
+    """``DigitsCNN`` with the run config's ``width``, ``hidden`` and ``activation``."""
+    model = DigitsCNN(width=int(cfg.get("width", 32)), hidden=int(cfg.get("hidden", 64)))
+    replace_activations(model, str(cfg.get("activation", "relu")))
+    return model
 
 
 @client_app.train()
@@ -36,7 +45,7 @@ def train(msg: Message, context: Context) -> Message:
     x, y = to_tensors(
         load_partition("digits", pid, int(cfg["clients"]), partitioner="iid", seed=int(cfg["seed"]))
     )
-    model = DigitsCNN()  # on its device (CPU) before make_private
+    model = make_model(cfg)  # on its device (CPU) before make_private
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=float(cfg["lr"]))
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -95,10 +104,10 @@ def main(grid: Grid, context: Context) -> None:
     xt, yt = to_tensors(load_test_set("digits", seed=int(cfg["seed"])))
     result = strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(DigitsCNN().state_dict()),
+        initial_arrays=ArrayRecord(make_model(cfg).state_dict()),
         num_rounds=int(cfg["num-server-rounds"]),
     )
-    model = DigitsCNN()
+    model = make_model(cfg)
     model.load_state_dict(result.arrays.to_torch_state_dict())
     _, acc = evaluate(model, xt, yt)
     last = result.train_metrics_clientapp[max(result.train_metrics_clientapp)]
