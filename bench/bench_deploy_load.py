@@ -14,6 +14,12 @@ figures describe the server. Reported per size:
   ``/proc/<pid>/stat`` sampled every 0.5 s from the ServerApp's "started" marker to its
   result files. Start-up (imports, FAB install) is outside the window;
 * server CPU per applied update, and its ratio largest vs smallest size;
+* the engine's own CPU per applied update (``engine-cpu-ms-per-update`` of the engine's
+  counters: ``time.thread_time`` around the handling of each reply: validation, decoding, the
+  strategy's aggregation, commit; no Grid I/O, no evaluation), the engine loop's CPU
+  (``server-cpu-s``: also message building, push/pull and polling), and the ServerApp
+  process's CPU (``time.process_time``, all its threads), each per applied update with its
+  ratio largest vs smallest size;
 * the SuperLink's idle CPU rate with the N SuperNodes connected and no run (measured for
   ``--idle-seconds`` just before each run: heartbeats and the SuperNodes' polling), and the
   marginal server CPU per applied update: (server CPU - idle rate x window) / applied;
@@ -146,6 +152,11 @@ def run_size(cluster: LocalCluster, n: int, args: argparse.Namespace, workdir: P
     wall, app_cpu = info["serverapp-wall-s"], info["serverapp-cpu-s"]
     cpu = superlink_cpu + app_cpu
     nan = float("nan")
+    c = info["counters"]
+
+    def per_update(seconds: float) -> float:
+        return 1000 * seconds / rep.applied if rep.applied else nan
+
     return {
         "supernodes": n,
         "status": status.get("status", "?"),
@@ -157,7 +168,10 @@ def run_size(cluster: LocalCluster, n: int, args: argparse.Namespace, workdir: P
         "superlink-cpu-s": superlink_cpu,
         "server-cpu-s": cpu,
         "server-cpu-util": cpu / wall,
-        "server-cpu-ms-per-update": 1000 * cpu / rep.applied if rep.applied else nan,
+        "server-cpu-ms-per-update": per_update(cpu),
+        "engine-cpu-ms-per-update": per_update(c["engine-cpu-s"]),
+        "loop-cpu-ms-per-update": per_update(c["server-cpu-s"]),
+        "serverapp-cpu-ms-per-update": per_update(app_cpu),
         "superlink-idle-cpu-per-s": idle_rate,
         "server-cpu-ms-per-update-marginal": (
             1000 * (cpu - idle_rate * wall) / rep.applied if rep.applied else nan
@@ -219,6 +233,9 @@ def main() -> None:
         ("server-cpu-s", ".2f"),
         ("server-cpu-util", ".2f"),
         ("server-cpu-ms-per-update", ".1f"),
+        ("engine-cpu-ms-per-update", ".2f"),
+        ("loop-cpu-ms-per-update", ".2f"),
+        ("serverapp-cpu-ms-per-update", ".1f"),
         ("superlink-idle-cpu-per-s", ".3f"),
         ("server-cpu-ms-per-update-marginal", ".1f"),
         ("clientapp-cpu-s-mean", ".2f"),
@@ -238,6 +255,13 @@ def main() -> None:
         marginal = hi[key] / lo[key]
         summary["ratio"] = {"hi": hi["supernodes"], "lo": lo["supernodes"], "value": ratio}
         summary["ratio-marginal"] = marginal
+        for key in (
+            "engine-cpu-ms-per-update",
+            "loop-cpu-ms-per-update",
+            "serverapp-cpu-ms-per-update",
+        ):
+            summary[f"ratio-{key}"] = hi[key] / lo[key]
+            print(f"{key}, {hi['supernodes']} vs {lo['supernodes']}: {hi[key] / lo[key]:.2f}x")
         print(
             f"server CPU per applied update, {hi['supernodes']} vs {lo['supernodes']} "
             f"SuperNodes: {ratio:.2f}x (marginal, idle rate removed: {marginal:.2f}x; "
