@@ -190,12 +190,22 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--work", default="outputs/fedit-baseline")
     ap.add_argument("--out", default="baselines/fedit/results.json")
+    ap.add_argument(
+        "--resume", action="store_true", help="keep the seeds already in --out, run the others"
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
-    runs = []
+    runs, before = [], 0.0
+    if args.resume and Path(args.out).is_file():
+        old = json.loads(Path(args.out).read_text())
+        runs, before = [r for r in old["runs"] if r["seed"] in args.seeds], old["seconds"]
+    done = {r["seed"] for r in runs}
+    payload = {"args": vars(args), "seconds": before, "runs": runs}
     for seed in args.seeds:
+        if seed in done:
+            continue
         runs.append(run_seed(args, seed))
-        payload = {"args": vars(args), "seconds": time.perf_counter() - t0, "runs": runs}
+        payload = {"args": vars(args), "seconds": before + time.perf_counter() - t0, "runs": runs}
         Path(args.out).write_text(json.dumps(payload, indent=2, default=str))  # after each seed
     print(table(payload))
     print(f"total {payload['seconds']:.0f} s")
