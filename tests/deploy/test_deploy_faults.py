@@ -1,20 +1,33 @@
-"""apps/async-vision on real Flower processes with TLS + SuperNode auth, and a crash.
+"""apps/async-vision on real Flower processes with TLS + SuperNode auth, a crash and a join.
 
 A SuperLink (TLS, ``--enable-supernode-auth``, its own FLWR_HOME and SQLite database in
-``tmp_path``) and three registered SuperNodes run the app with FedBuff / FedCompass on the
-real clock, submitted with ``flwr run <app> <connection>``. While SuperNode 2 is training its
-second job, it and every process it started are SIGKILLed; a new, freshly registered SuperNode
-(partition 3) is started a few seconds later. The run must finish, the dead node's job must
-never be accepted and, when the run outlasts Flower's heartbeat patience (2 x 30 s), the node
-must be retired ("node vanished", "node unavailable", "message unavailable (expired TTL)" or
-its job timeout; ``test_deploy_kill20.py`` makes its run long enough to always check this),
-the new node must get and deliver work, and every accepted update must be applied exactly once.
-Every process is stopped, also when an assertion fails.
+``tmp_path``) and three registered SuperNodes, each with an artificial per-job delay set
+through ``--node-config delay-s=...``, run the app twice at once, with FedBuff and with
+FedCompass, on the real clock: two runs submitted with ``flwr run <app> <connection>`` that the
+SuperNodes serve side by side. Once SuperNode 2 has delivered a reply and started the ClientApp
+of its next job, it and every process it started are SIGKILLed, and a new, freshly registered
+SuperNode (partition 3) is started.
 
-The update ledger is the engine's per-update CSV in the app's ``output-dir``: one row per
-finished job, keyed by (SuperNode id, job index on that node), with ``accepted`` and
-``applied_in`` (the server model version it went into). It is cross-checked against the
-per-version ``num-updates`` and ``nodes`` of the commit metrics and the engine counters.
+Checked for each run, from the engine's files (not from logs): the run finishes
+(``num-server-rounds``); the dead node's last job is retired after a timeout, whichever fires
+first: the engine's job timeout (its row in the per-update ledger says ``job timeout``, or the
+SuperLink's ``message unavailable (expired TTL)`` for the same expiry; no earlier than the
+timeout) or Flower's heartbeat patience (``node unavailable`` / ``node vanished``; at least
+30 s after it was sent); its earlier jobs were delivered, and the node is retired; the new
+node gets work and delivers a valid update;
+:func:`flwr_ext.deploy.ledger.check_run` finds every job sent with exactly one row and every
+accepted update applied exactly once or discarded with a reason. Every process is stopped, also
+when an assertion fails.
+
+Timing. Flower marks a killed SuperNode offline after two missed 30 s heartbeats (not
+configurable from the command line); the engine's job timeout (``timeout``, also the message
+TTL) is the other way a dead node's job ends. It must be generous: a SuperNode's first job
+(fetching the app, starting a ClientApp that imports torch) took over 40 s at load 10 here, and
+a TTL expiry with ``max-failures=1`` retires a live node. The run may reach its last version
+before the dead node's job expires: ``drain-timeout`` makes the ServerApp wait for the jobs
+still in flight, so that job always ends the way it would mid-run. Both strategies run at once
+so the test waits for one timeout, not two. Nothing is awaited with a fixed sleep: the kill
+waits for the victim's next ClientApp, the checks for the runs' status.
 """
 
 from __future__ import annotations
@@ -22,148 +35,170 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from flwr_ext.deploy import LocalCluster, SuperNodeHandle
+from flwr_ext.deploy.ledger import check_run
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "apps" / "async-vision"
-ROUNDS = 5
-RETIRE_REASONS = (
-    "node vanished",
-    "node unavailable",
-    "job timeout",
-    "message unavailable (expired TTL)",
-)
+ROUNDS = 6
+TIMEOUT = 120.0  # per-job timeout and message TTL
+DELAYS = (0.2, 0.5, 2.0)  # partitions 0, 1 and the victim (2); the newcomer (3) gets 0.2
+STRATEGIES = {
+    "fedbuff": {"buffer-size": 2},
+    "fedcompass": {"compass-q-min": 5, "compass-q-max": 20},
+}
+# the engine's job timeout, or the SuperLink's answer when the message's TTL (the same timeout)
+# expired first
+TIMEOUT_REASONS = ("job timeout", "message unavailable (expired TTL)")
+# Flower's own liveness timeout: no heartbeat for 2 x 30 s. The SuperLink answers the job
+# "node unavailable", or drops the node from get_node_ids ("node vanished")
+HEARTBEAT_REASONS = ("node unavailable", "node vanished")
+HEARTBEAT_MIN_S = 30.0  # a heartbeat is sent every ~24 s: offline >= 36 s after a kill
 
 
 def _clientapp_starts(handle: SuperNodeHandle) -> int:
     return handle.proc.tail(10**7).count("Start `flwr-clientapp` process")
 
 
-def _wait_for(cond, timeout: float, what: str, cluster: LocalCluster) -> None:
+def _wait_for(cond, timeout: float, what: str, cluster: LocalCluster, run_ids: dict) -> None:
+    """Poll ``cond``; fail when the SuperLink dies or a run finishes first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
+    next_status = time.monotonic() + 10.0
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         assert cluster.superlink is not None and cluster.superlink.alive, "SuperLink died"
-        time.sleep(0.5)
-    raise TimeoutError(what)
+        if time.monotonic() > next_status:  # a `flwr` CLI call costs CPU: not too often
+            for name, run_id in run_ids.items():
+                status = cluster.run_status(run_id)
+                assert not str(status.get("status", "")).startswith("finished"), (
+                    f"{name} run finished before {what}: {status}"
+                )
+            next_status = time.monotonic() + 10.0
+        time.sleep(0.3)
 
 
-def _read_ledger(path: Path) -> list[dict]:
+def _rows(path: Path) -> list[dict]:
     with path.open() as fh:
         rows = list(csv.DictReader(fh))
     for r in rows:
-        r["node_id"] = int(r["node_id"])
-        r["node"] = int(r["node"])
-        r["job"] = int(r["job"])
-        r["applied_in"] = int(r["applied_in"])
+        for key in ("node_id", "node", "job", "applied_in"):
+            r[key] = int(r[key])
+        r["duration"] = float(r["duration"])
         r["accepted"] = r["accepted"] == "True"
         r["valid"] = r["valid"] == "True"
     return rows
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-@pytest.mark.parametrize(
-    ("strategy", "extra"),
-    [
-        ("fedbuff", {"buffer-size": 2}),
-        ("fedcompass", {"compass-q-min": 10, "compass-q-max": 40}),
-    ],
-)
-def test_crash_and_join_during_async_run(tmp_path, strategy, extra):
-    out = tmp_path / "out"
-    run_config = {
+def _config(strategy: str, out: Path) -> dict:
+    return {
         "strategy": strategy,
         "clock": "real",
         "num-server-rounds": ROUNDS,
         "min-train-nodes": 3,
-        "local-steps": 10,
-        "timeout": 150.0,  # per-job timeout (also the message TTL)
+        "local-steps": 5,
+        "timeout": TIMEOUT,
         "max-failures": 1,
+        "drain-timeout": TIMEOUT + 60.0,
         "wall-timeout": 900.0,
         "output-dir": str(out),
         "run-name": strategy,
-        **extra,
+        **STRATEGIES[strategy],
     }
+
+
+@pytest.mark.timeout(1500)
+def test_crash_and_join_during_fedbuff_and_fedcompass_runs(tmp_path):
+    t0 = time.monotonic()
     with LocalCluster(tmp_path / "cluster") as cluster:
         cluster.start_superlink()
-        nodes = [cluster.add_supernode({"partition-id": i, "num-partitions": 4}) for i in range(3)]
+        nodes = cluster.add_supernodes(
+            [{"partition-id": i, "num-partitions": 4, "delay-s": d} for i, d in enumerate(DELAYS)]
+        )
         victim = nodes[2]
-        run_id = cluster.flwr_run(APP, run_config)
+        run_ids = {s: cluster.flwr_run(APP, _config(s, tmp_path / s)) for s in STRATEGIES}
         t_run = time.monotonic()
-
-        # Kill the victim while it is training its second job (so one job is in flight).
-        _wait_for(lambda: _clientapp_starts(victim) >= 2, 600, "victim's 2nd job", cluster)
-        time.sleep(2.0)
-        cluster.kill_supernode(victim)
-        killed_at = time.monotonic() - t_run
-        assert not victim.proc.tree()
-        time.sleep(5.0)
-        newcomer = cluster.add_supernode({"partition-id": 3, "num-partitions": 4})
-
-        status = cluster.wait_run(run_id, timeout=900)
+        statuses: dict[str, dict] = {}
+        try:
+            # one ClientApp per run for the first jobs; a third one means a reply was handled
+            # and the victim is training its next job
+            _wait_for(
+                lambda: _clientapp_starts(victim) >= len(STRATEGIES) + 1,
+                600,
+                "the victim's next job",
+                cluster,
+                run_ids,
+            )
+            cluster.kill_supernode(victim)
+            killed_at = time.monotonic() - t_run
+            assert not any(p.tree() for p in victim.procs)
+            newcomer = cluster.add_supernode(
+                {"partition-id": 3, "num-partitions": 4, "delay-s": 0.2}
+            )
+            for name, run_id in run_ids.items():
+                statuses[name] = cluster.wait_run(run_id, timeout=900)
+        finally:
+            for name, run_id in run_ids.items():
+                log = cluster.flwr("log", str(run_id), "local-tls", "--show", check=False)
+                (tmp_path / f"{name}-serverapp.log").write_text(log)
         wall = time.monotonic() - t_run
-        assert status["status"] == "finished:completed", status
-        assert _clientapp_starts(newcomer) >= 1
+        for name, status in statuses.items():
+            assert status["status"] == "finished:completed", (name, status, _tail(tmp_path, name))
     assert not cluster.leftovers(), "processes left running"
+    print(
+        f"\ncluster {t_run - t0:.0f} s, victim killed at {killed_at:.0f} s, runs done at {wall:.0f}"
+        f" s, {time.monotonic() - t0:.0f} s in all"
+    )
+    for name in STRATEGIES:
+        _check_run(tmp_path / name, name, nodes, victim, newcomer)
 
-    info = json.loads((out / f"{strategy}-counters.json").read_text())
+
+def _check_run(out: Path, name: str, nodes, victim, newcomer) -> None:
+    info = json.loads((out / f"{name}-counters.json").read_text())
     counters, reasons = info["counters"], info["reasons"]
+    rows = _rows(out / f"{name}-updates.csv")
+    rep = check_run(out, name)
+    print(f"{name}: {json.dumps(rep.as_dict())}; reasons {reasons}")
     assert info["stop_reason"] == "num_rounds reached", info
     assert counters["versions"] == ROUNDS
 
-    rows = _read_ledger(out / f"{strategy}-updates.csv")
-    ids = [(r["node_id"], r["job"]) for r in rows]
-    assert len(ids) == len(set(ids)), "a job was recorded twice"
+    # Every job sent has one row; every accepted update applied once or discarded with a
+    # reason; the engine's ledger, counters and per-version commit metrics agree.
+    assert rep.ok, rep.as_dict()
+    assert rep.rows == rep.jobs_sent == counters["jobs-dispatched"]
+    assert rep.lost == 0 and rep.duplicate_msg_ids == 0 and rep.duplicate_jobs == 0
+    assert counters["jobs-unfinished"] == 0, "the drain should have ended every job"
 
-    # Exactly once: every update that passed validation (`valid`, counted as accepted by the
-    # engine) is applied in exactly one version 1..ROUNDS, or discarded by the strategy with a
-    # reason (its `accepted` flag is then cleared, e.g. FedCompass/FedBuff updates still held
-    # when the run ends); none is lost.
-    valid = [r for r in rows if r["valid"]]
-    applied = [r for r in valid if r["applied_in"] >= 1]
-    discarded = [r for r in valid if not r["accepted"]]
-    assert all(1 <= r["applied_in"] <= ROUNDS for r in applied)
-    assert all(r["applied_in"] == -1 for r in rows if not r["accepted"])
-    assert all(r["reason"] for r in discarded)
-    assert len(applied) == counters["updates-applied"]
-    assert len(valid) == counters["updates-accepted"]
-    assert len(discarded) == counters["updates-discarded"]
-    assert len(applied) + len(discarded) == len(valid)
-    assert counters["duplicate-replies"] == 0
+    # The dead node: the jobs it finished before the kill were delivered; the last one (in
+    # flight at the kill, or sent to it before the server noticed) was retired after its
+    # timeout, never accepted; then the node itself was retired (max-failures=1).
+    dead = sorted((r for r in rows if r["node_id"] == victim.node_id), key=lambda r: r["job"])
+    assert dead, f"{name}: the victim got no job"
+    *delivered, last = dead
+    assert all(r["valid"] for r in delivered), dead
+    assert not last["valid"] and last["applied_in"] == -1, last
+    if last["reason"].startswith(TIMEOUT_REASONS):
+        assert last["duration"] >= TIMEOUT - 2.0, last  # the TTL counts from its creation
+    else:
+        assert last["reason"].startswith(HEARTBEAT_REASONS), last
+        assert last["duration"] >= HEARTBEAT_MIN_S, last
+    assert counters["nodes-retired"] >= 1
 
-    # The ledger agrees with what each commit says it aggregated.
-    train = json.loads((out / f"{strategy}.json").read_text())["train_metrics_clientapp"]
-    per_version = Counter(r["applied_in"] for r in applied)
-    for v in range(1, ROUNDS + 1):
-        assert per_version[v] == train[str(v)]["num-updates"], (v, train[str(v)])
-        keys = sorted(r["node"] for r in applied if r["applied_in"] == v)
-        assert keys == sorted(train[str(v)]["nodes"]), v
+    # The newcomer got work and delivered a valid update, keyed by its partition-id.
+    new_rows = [r for r in rows if r["node_id"] == newcomer.node_id]
+    assert [r for r in new_rows if r["valid"]], f"{name}: no valid update from the new node"
+    assert {r["node"] for r in new_rows if r["valid"]} == {3}
 
-    # The dead node: its first job was applied, the one in flight was not, and it is retired.
-    dead = [r for r in rows if r["node_id"] == victim.node_id]
-    assert [r["job"] for r in dead if r["accepted"]] == [0], dead
-    assert not [r for r in dead if r["job"] >= 1 and r["accepted"]]
-    # Retired once Flower marks it offline (heartbeat patience 2 x 30 s, seen 47-62 s after a
-    # kill) or its job times out. On an idle machine the run can end first; then its job was
-    # still in flight at the end and was not accepted (checked above).
-    if wall > killed_at + 75:
-        assert counters["nodes-retired"] >= 1
-        assert any(reasons.get(k) for k in RETIRE_REASONS), reasons
-
-    # The newcomer got work and its updates were applied.
-    new_rows = [r for r in applied if r["node_id"] == newcomer.node_id]
-    assert new_rows, "the SuperNode started after the crash got no applied update"
-    assert {r["node"] for r in new_rows} == {3}  # keyed by its partition-id
-
-    # Live nodes kept working; the model improved.
+    # The live nodes kept working; the model improved.
     for handle in nodes[:2]:
-        assert any(r["node_id"] == handle.node_id for r in applied)
-    evals = json.loads((out / f"{strategy}.json").read_text())["evaluate_metrics_serverapp"]
+        assert any(r["node_id"] == handle.node_id and r["applied_in"] >= 1 for r in rows)
+    evals = json.loads((out / f"{name}.json").read_text())["evaluate_metrics_serverapp"]
     assert evals[str(ROUNDS)]["loss"] < evals["0"]["loss"]
+
+
+def _tail(tmp_path: Path, name: str, n: int = 3000) -> str:
+    path = tmp_path / f"{name}-serverapp.log"
+    return path.read_text()[-n:] if path.exists() else ""
