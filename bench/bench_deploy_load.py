@@ -33,10 +33,16 @@ The load average (``/proc/loadavg``) before and after each run is printed with t
 on a shared machine they move with it. Bounded: at most 40 SuperNodes and 900 s per run;
 loopback only; every process is stopped at the end, also on error.
 
+With ``--in-process`` no Flower process is started: the same strategy runs on
+:class:`flwr_ext.asyncfl.testing.FakeGrid` (the light app's model, clients that add 0.01 to it)
+for ``--updates`` applied updates per size, ``--reps`` times, and only the engine's CPU per
+applied update is printed (its handling of replies without SuperLink, network or load noise).
+
 Usage::
 
     python bench/bench_deploy_load.py [--sizes 5 20] [--seconds 90] [--strategy fedasync]
         [--isolation subprocess|process] [--poll-interval 0.02] [--json out.json]
+    python bench/bench_deploy_load.py --in-process [--sizes 5 20] [--updates 400] [--reps 3]
 """
 
 from __future__ import annotations
@@ -183,6 +189,43 @@ def run_size(cluster: LocalCluster, n: int, args: argparse.Namespace, workdir: P
     }
 
 
+def engine_cpu_in_process(sizes: list[int], strategy: str, updates: int, reps: int) -> None:
+    """Print the engine's CPU per applied update on an in-process Grid, per size and repetition."""
+    import sys
+
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from flwr_ext.asyncfl import RealClock
+    from flwr_ext.asyncfl.testing import FakeGrid
+    from flwr_ext.strategies import build_strategy
+
+    sys.path.insert(0, str(APP))
+    from light_async.task import init_params
+
+    def client_fn(pid: int, msg) -> RecordDict:
+        new = {k: v.numpy() + 0.01 for k, v in msg.content["arrays"].items()}
+        metrics = MetricRecord({"num-examples": 10, "partition-id": pid})
+        return RecordDict(
+            {"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}), "metrics": metrics}
+        )
+
+    init = ArrayRecord({k: Array(v) for k, v in init_params().items()})
+    for rep in range(reps):
+        per = {}
+        for n in sizes:
+            res = build_strategy({"strategy": strategy}).start(
+                FakeGrid(client_fn, n, seed=rep, per_pull=1),
+                init,
+                num_rounds=updates,
+                clock=RealClock(),
+                poll_interval=0,
+            )
+            per[n] = res.counters["engine-cpu-ms-per-update"]
+        figures = ", ".join(f"{n} nodes {v:.3f} ms" for n, v in per.items())
+        ratio = per[sizes[-1]] / per[sizes[0]]
+        print(f"rep {rep}: engine CPU per applied update: {figures}; ratio {ratio:.2f}x")
+
+
 def main() -> None:
     """Start one cluster, run each size, print a table and the largest-vs-smallest ratio."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -196,8 +239,14 @@ def main() -> None:
     parser.add_argument("--isolation", default="subprocess", choices=["subprocess", "process"])
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="keep files here")
+    parser.add_argument("--in-process", action="store_true", help="FakeGrid, engine CPU only")
+    parser.add_argument("--updates", type=int, default=400, help="--in-process: versions")
+    parser.add_argument("--reps", type=int, default=3, help="--in-process: repetitions")
     args = parser.parse_args()
     sizes = sorted(set(args.sizes))
+    if args.in_process:
+        engine_cpu_in_process(sizes, args.strategy, args.updates, args.reps)
+        return
     if sizes[-1] > 40 or sizes[0] < 1 or args.seconds > 900:
         raise SystemExit("bounded: 1 to 40 SuperNodes and at most 900 s per run")
     results = []
