@@ -15,6 +15,9 @@ Usage::
     HF_HUB_OFFLINE=1 .venv/bin/python baselines/dp-lora/run_fedit.py --model tiny
     HF_HUB_OFFLINE=1 .venv/bin/python baselines/dp-lora/run_fedit.py --model smollm2 \\
         --rounds 2 --steps 4 --batch 4 --train 120 --eval 14 --epsilons 8 inf
+
+The SmolLM2 configuration of ``baselines/fedit`` (template, categories, category partitions)
+is passed through ``--set``; see ``baselines/dp-lora/README.md`` for the exact command.
 """
 
 from __future__ import annotations
@@ -63,7 +66,21 @@ def overrides(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "dp.delta": args.delta,
         "dp.max-grad-norm": args.clip,
+        **dict(_parse_set(kv) for kv in args.set),
     }
+
+
+def _parse_set(kv: str) -> tuple[str, object]:
+    """``KEY=VALUE`` from ``--set`` as a run-config item (int, float, bool or string)."""
+    key, _, value = kv.partition("=")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    return key, value
 
 
 def run(eps: float, args: argparse.Namespace) -> dict:
@@ -159,16 +176,24 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other fedit-llm run-config key (repeatable; overrides the keys above)",
+    )
+    ap.add_argument("--tag", default="", help="suffix of the output files' names")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
     rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"fedit_{args.model}{'_' + args.tag if args.tag else ''}"
     for eps in args.epsilons:
         rows.append(run(eps, args))
         print(json.dumps(rows[-1]), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"fedit_{args.model}"
-    payload = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    (args.out / f"results_{stem}.json").write_text(json.dumps(payload, indent=1))
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+        (args.out / f"results_{stem}.json").write_text(json.dumps(payload, indent=1))
     title = f"fedit-llm ({args.model}): utility vs epsilon"
     plot(rows, args.out / f"{stem}_utility_vs_epsilon.png", title)
     print(table(rows))
