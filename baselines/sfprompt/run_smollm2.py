@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--tail", choices=sorted(TAILS), default="qv-r4")
     ap.add_argument("--name", default="sfprompt")
     ap.add_argument(
-        "--fedit-results", default="outputs/fedit-baseline/seed0/federated/results.json"
+        "--fedit-results", default="", help="default: the FedIT baseline's run of --seed"
     )
     ap.add_argument("--run-fedit", action="store_true")
     ap.add_argument("--work", default="outputs/sfprompt-smollm2")
