@@ -37,7 +37,8 @@ from flwr_ext.compression.server import support_mean
 from flwr_ext.compression.sparsify import k_for, topk_indices
 from flwr_ext.compression.wire import Writer
 
-PRESETS = ("none", "fedzip", "dgc", "qsgd-8bit")
+PRESETS = ("none", "fedzip", "fedzip:dense_below=0", "dgc", "qsgd-8bit")
+W = 22  # width of the preset column
 
 
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,14 +109,14 @@ def section_bytes(update: dict[str, np.ndarray]) -> None:
     raw = _raw_bytes(update)
     print(f"\n[1] uplink bytes, DigitsCNN update ({n} floats, one local epoch on digits)")
     print(f"    raw float32 ArrayRecord.count_bytes(): {raw} B (float data {4 * n} B)")
-    print(f"    {'preset':<12}{'bytes':>10}{'ratio vs raw':>15}{'rel. L2 error':>15}")
+    print(f"    {'preset':<{W}}{'bytes':>10}{'ratio vs raw':>15}{'rel. L2 error':>15}")
     for name in PRESETS[1:]:
         cfg = get_preset(name)
         payloads, recon = encode_update(update, cfg, seed=1)
         nbytes = _record_bytes(payloads, update, cfg.stype)
         num = sum(float(np.sum((recon[k] - update[k]) ** 2)) for k in update)
         den = sum(float(np.sum(update[k] ** 2)) for k in update)
-        print(f"    {name:<12}{nbytes:>10}{raw / nbytes:>14.1f}x{np.sqrt(num / den):>15.3f}")
+        print(f"    {name:<{W}}{nbytes:>10}{raw / nbytes:>14.1f}x{np.sqrt(num / den):>15.3f}")
 
 
 def section_entropy(x: np.ndarray, density: float) -> None:
@@ -174,7 +175,7 @@ def section_speed(x: np.ndarray, repeats: int) -> None:
         f"ratio {len(raw) / len(z):.3f}x"
     )
     print(
-        f"    {'preset':<12}{'enc ms':>9}{'dec ms':>9}{'enc+dec ms':>12}"
+        f"    {'preset':<{W}}{'enc ms':>9}{'dec ms':>9}{'enc+dec ms':>12}"
         f"{'/ zstd-c':>10}{'/ zstd c+d':>12}{'ratio':>9}"
     )
     upd = {"w": x}
@@ -190,7 +191,7 @@ def section_speed(x: np.ndarray, repeats: int) -> None:
         t_d = _median_time(lambda p=p: decode_tensor(p, expected_shape=x.shape), repeats)
         tot = t_e + t_d
         print(
-            f"    {name:<12}{t_e * 1e3:>9.1f}{t_d * 1e3:>9.1f}{tot * 1e3:>12.1f}"
+            f"    {name:<{W}}{t_e * 1e3:>9.1f}{t_d * 1e3:>9.1f}{tot * 1e3:>12.1f}"
             f"{tot / t_zc:>10.2f}{tot / (t_zc + t_zd):>12.2f}{len(raw) / len(p):>8.0f}x"
         )
 
@@ -227,7 +228,7 @@ def section_accuracy(
         f"{'support-mean' if sparse_mean else 'plain mean'} of sparse deltas, "
         f"client SGD momentum {momentum} batch {batch_size}"
     )
-    print(f"    {'preset':<12}{'accuracy':>10}{'uplink bytes':>14}{'vs none':>10}")
+    print(f"    {'preset':<{W}}{'accuracy':>10}{'uplink bytes':>14}{'vs none':>10}")
     base_bytes = None
     base_acc = None
     for name in PRESETS:
@@ -269,7 +270,7 @@ def section_accuracy(
         base_bytes = base_bytes or up
         base_acc = acc if base_acc is None else base_acc
         print(
-            f"    {name:<12}{acc:>10.4f}{up:>14}{base_bytes / up:>9.1f}x"
+            f"    {name:<{W}}{acc:>10.4f}{up:>14}{base_bytes / up:>9.1f}x"
             f"   (acc - none: {100 * (acc - base_acc):+.1f} points)"
         )
 

@@ -13,6 +13,9 @@ Run (about 1-3 minutes per run on a shared 2-core machine)::
     .venv/bin/python baselines/fedzip/run.py --seeds 0 --presets none fedzip
     .venv/bin/python baselines/fedzip/run.py --report-only         # table + plot from results/
 
+Presets may carry options (``fedzip:dense_below=0``); the result folder is named after the
+whole spec, so a run stays tied to the exact setting whatever the preset's defaults become.
+
 Results go to ``baselines/fedzip/results/<preset>-s<seed>/`` (one JSON per run, kept, so an
 interrupted sweep resumes); the table is printed and written to ``results/table.md`` and the
 plot to ``accuracy_vs_bytes.png``.
@@ -151,9 +154,15 @@ def _plot(runs: dict, presets: list[str], seeds: list[int], nodes: int) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = dict(
-        zip(PRESETS, ("black", "tab:blue", "tab:cyan", "tab:red", "tab:green"), strict=True)
+        zip(PRESETS, ("black", "tab:purple", "tab:pink", "tab:red", "tab:green"), strict=True)
     )
-    colours.update({"fedzip:dense_below=1000": "tab:purple", "fedzip:dense_below=0": "tab:blue"})
+    colours.update(
+        {
+            "fedzip:dense_below=1000": "tab:purple",
+            "fedzip:dense_below=0": "tab:blue",
+            "fedzip:density=0.01,dense_below=0": "tab:cyan",
+        }
+    )
     for p in presets:
         for i, s in enumerate(seeds):
             if (p, s) not in runs:
