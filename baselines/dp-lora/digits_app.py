@@ -36,6 +36,60 @@ def make_model(cfg: dict) -> DigitsCNN:
     return model
 
 
+def local_steps(  # noqa: PLR0913
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    context: Context,
+    dp: DPConfig | None,
+    *,
+    lr: float,
+    batch: int,
+    steps: int,
+    rounds: int,
+    round_seed: int,
+    momentum: float = 0.0,
+) -> dict[str, float]:
+    """``steps`` SGD steps of batch ``batch``, or DP-SGD steps of expected batch ``batch``.
+
+    Without DP, shuffled mini-batches drawn with ``round_seed``. With DP,
+    :class:`flwr_ext.privacy.DPLoRAEngine` (Poisson sampling, per-sample clipping, noise
+    calibrated once for ``rounds`` rounds) with its accountant restored from and saved to
+    ``context.state``; returns its metrics (epsilon spent, noise multiplier).
+    """
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if dp is None:
+        gen = torch.Generator().manual_seed(round_seed)
+        done = 0
+        while done < steps:
+            loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=gen)
+            for xb, yb in loader:
+                opt.zero_grad()
+                loss_fn(model(xb), yb).backward()
+                opt.step()
+                done += 1
+                if done >= steps:
+                    break
+        return {}
+    engine = DPLoRAEngine.from_context(context, dp)
+    dp_model, opt, loader = engine.make_private(
+        module=model,
+        optimizer=opt,
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=batch),
+        steps_per_round=steps,
+        expected_rounds=rounds,
+        adapter_only=False,
+    )
+    for xb, yb in engine.batches(loader, opt):
+        opt.zero_grad()
+        loss_fn(dp_model(xb), yb).backward()
+        opt.step()
+    engine.save(context)
+    dp_model._close()
+    return engine.metrics()
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """``steps`` (DP-)SGD steps of expected batch ``batch`` on this node's partition."""
@@ -47,42 +101,19 @@ def train(msg: Message, context: Context) -> Message:
     )
     model = make_model(cfg)  # on its device (CPU) before make_private
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    opt = torch.optim.SGD(model.parameters(), lr=float(cfg["lr"]))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    steps = int(cfg["steps"])
-    dp = DPConfig.from_run_config(cfg)
     metrics: dict[str, float] = {"num-examples": len(x)}
-    if dp is None:
-        gen = torch.Generator().manual_seed(int(msg.content["config"]["server-round"]) * 100 + pid)
-        done = 0
-        while done < steps:
-            loader = DataLoader(
-                TensorDataset(x, y), batch_size=int(cfg["batch"]), shuffle=True, generator=gen
-            )
-            for xb, yb in loader:
-                opt.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                opt.step()
-                done += 1
-                if done >= steps:
-                    break
-    else:
-        engine = DPLoRAEngine.from_context(context, dp)
-        dp_model, opt, loader = engine.make_private(
-            module=model,
-            optimizer=opt,
-            data_loader=DataLoader(TensorDataset(x, y), batch_size=int(cfg["batch"])),
-            steps_per_round=steps,
-            expected_rounds=int(cfg["num-server-rounds"]),
-            adapter_only=False,
-        )
-        for xb, yb in engine.batches(loader, opt):
-            opt.zero_grad()
-            loss_fn(dp_model(xb), yb).backward()
-            opt.step()
-        engine.save(context)
-        metrics.update(engine.metrics())
-        dp_model._close()
+    metrics |= local_steps(
+        model,
+        x,
+        y,
+        context,
+        DPConfig.from_run_config(cfg),
+        lr=float(cfg["lr"]),
+        batch=int(cfg["batch"]),
+        steps=int(cfg["steps"]),
+        rounds=int(cfg["num-server-rounds"]),
+        round_seed=int(msg.content["config"]["server-round"]) * 100 + pid,
+    )
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
     )

@@ -24,20 +24,12 @@ import sys
 import time
 
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
-from torch.utils.data import DataLoader, TensorDataset
+from digits_app import local_steps, make_model
+from flwr.app import Context, RecordDict
 
 from flwr_ext.data.images import load_partition, load_test_set, to_tensors
-from flwr_ext.privacy import STATE_KEY, DPConfig, DPLoRAEngine, replace_activations
-from flwr_ext.vision.model import DigitsCNN
+from flwr_ext.privacy import DPConfig
 from flwr_ext.vision.train import evaluate
-
-
-def make_model(c: dict) -> DigitsCNN:
-    """``DigitsCNN`` of the configuration's width, hidden units and activation."""
-    model = DigitsCNN(width=c.get("width", 32), hidden=c.get("hidden", 64))
-    replace_activations(model, c.get("act", "relu"))
-    return model
 
 
 def local_round(
@@ -50,40 +42,32 @@ def local_round(
     rnd: int,
     pid: int,
 ) -> tuple[RecordDict, dict[str, float]]:
-    """One client round; ``state`` is all that survives between rounds."""
-    opt = torch.optim.SGD(model.parameters(), lr=c["lr"], momentum=c.get("mom", 0.0))
-    loss_fn = torch.nn.CrossEntropyLoss()
-    if dp is None:
-        gen = torch.Generator().manual_seed(rnd * 100 + pid)
-        done = 0
-        while done < c["steps"]:
-            data = TensorDataset(x, y)
-            for xb, yb in DataLoader(data, batch_size=c["batch"], shuffle=True, generator=gen):
-                opt.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                opt.step()
-                done += 1
-                if done >= c["steps"]:
-                    break
-        return state, {}
+    """One client round of ``digits_app.local_steps``; ``state`` is all that survives rounds."""
     context = Context(0, 0, {}, state, {})
-    engine = DPLoRAEngine.from_context(context, dp)
-    dp_model, opt, loader = engine.make_private(
-        module=model,
-        optimizer=opt,
-        data_loader=DataLoader(TensorDataset(x, y), batch_size=c["batch"]),
-        steps_per_round=c["steps"],
-        expected_rounds=c["rounds"],
-        adapter_only=False,
+    metrics = local_steps(
+        model,
+        x,
+        y,
+        context,
+        dp,
+        lr=c["lr"],
+        batch=c["batch"],
+        steps=c["steps"],
+        rounds=c["rounds"],
+        round_seed=rnd * 100 + pid,
+        momentum=c.get("mom", 0.0),
     )
-    for xb, yb in engine.batches(loader, opt):
-        opt.zero_grad()
-        loss_fn(dp_model(xb), yb).backward()
-        opt.step()
-    engine.save(context)
-    metrics = engine.metrics()
-    dp_model._close()
-    return RecordDict({STATE_KEY: ConfigRecord(dict(context.state[STATE_KEY]))}), metrics
+    return context.state, metrics
+
+
+def _model(c: dict) -> torch.nn.Module:
+    return make_model(
+        {
+            "width": c.get("width", 32),
+            "hidden": c.get("hidden", 64),
+            "activation": c.get("act", "relu"),
+        }
+    )
 
 
 def run(c: dict, seed: int = 0, clients: int = 4) -> tuple[float, float, float]:
@@ -95,13 +79,13 @@ def run(c: dict, seed: int = 0, clients: int = 4) -> tuple[float, float, float]:
     ]
     xt, yt = to_tensors(load_test_set("digits", seed=0))
     dp = None if c["eps"] == 0 else DPConfig(c["eps"], delta=1e-5, max_grad_norm=c["clip"])
-    global_model = make_model(c)
+    global_model = _model(c)
     states = [RecordDict() for _ in parts]
     last: dict[str, float] = {}
     for rnd in range(1, c["rounds"] + 1):
         new = []
         for i, (x, y) in enumerate(parts):
-            local = make_model(c)
+            local = _model(c)
             local.load_state_dict(global_model.state_dict())
             states[i], m = local_round(local, x, y, states[i], dp, c, rnd, i)
             new.append(local.state_dict())
