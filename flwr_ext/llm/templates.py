@@ -10,39 +10,41 @@ from __future__ import annotations
 
 from typing import Any
 
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-# Alpaca's section headers without its one-sentence preamble (~30 fewer tokens per example):
-# on a small model at a few hundred training steps the preamble costs compute and teaches nothing.
+# Alpaca's section headers; ``alpaca-short`` uses them without the one-sentence preamble (~30
+# fewer tokens per example: on a small model at a few hundred training steps the preamble costs
+# compute and teaches nothing).
 ALPACA_SHORT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 ALPACA_SHORT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+) + ALPACA_SHORT_WITH_INPUT
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n"
+) + ALPACA_SHORT_NO_INPUT
 # System turn used by "chat-short" instead of the tokenizer's default one (SmolLM2's chat
 # template inserts "You are a helpful AI assistant named SmolLM, trained by Hugging Face").
 SHORT_SYSTEM = "Answer with the result only."
 TEMPLATES = ("alpaca", "alpaca-short", "chat", "chat-short")
 
 
-def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002
-    """Render the Alpaca prompt (everything before the response)."""
+def alpaca_prompt(instruction: str, input: str = "", *, preamble: bool = True) -> str:  # noqa: A002
+    """Render the Alpaca prompt (everything before the response).
+
+    ``preamble=False`` leaves out its first sentence (the ``alpaca-short`` template).
+    """
     if input and input.strip():
-        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_NO_INPUT.format(instruction=instruction)
+        fmt = ALPACA_WITH_INPUT if preamble else ALPACA_SHORT_WITH_INPUT
+        return fmt.format(instruction=instruction, input=input)
+    return (ALPACA_NO_INPUT if preamble else ALPACA_SHORT_NO_INPUT).format(instruction=instruction)
 
 
 def alpaca_short_prompt(instruction: str, input: str = "") -> str:  # noqa: A002
     """Render the Alpaca section headers without the preamble sentence."""
-    if input and input.strip():
-        return ALPACA_SHORT_WITH_INPUT.format(instruction=instruction, input=input)
-    return ALPACA_SHORT_NO_INPUT.format(instruction=instruction)
+    return alpaca_prompt(instruction, input, preamble=False)
 
 
 def chat_prompt(
