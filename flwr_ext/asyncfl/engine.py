@@ -497,6 +497,7 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
         self._handle_cpu = 0.0
         self._loop_cpu = 0.0
         self._wall0 = time.monotonic()
+        self._last_node_poll = self._wall0
 
     # ------------------------------------------------------------------ public API for hooks
     @property
@@ -591,11 +592,9 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
             self._wait_for_nodes()
             self._evaluate()
             self.strategy.on_start(self)
-        last_node_poll = time.monotonic()
+        self._last_node_poll = time.monotonic()
         while not self._done():
-            if time.monotonic() - last_node_poll > self.node_poll_interval:
-                self._poll_nodes()
-                last_node_poll = time.monotonic()
+            self._maybe_poll_nodes()
             t0, c0, e0, ec0 = (
                 time.perf_counter(),
                 time.thread_time(),
@@ -635,12 +634,9 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
             return
         self._draining = True
         deadline = time.monotonic() + self.drain_timeout
-        last_node_poll = time.monotonic()
         log(INFO, "Draining %d jobs still in flight", len(self.in_flight))
         while self.in_flight and time.monotonic() < deadline:
-            if time.monotonic() - last_node_poll > self.node_poll_interval:
-                self._poll_nodes()
-                last_node_poll = time.monotonic()
+            self._maybe_poll_nodes()
             c0 = time.thread_time()
             got = self._pull()
             self._check_job_timeouts()
@@ -905,6 +901,12 @@ class AsyncEngine:  # pylint: disable=too-many-instance-attributes
                 return
             log(INFO, "Waiting for nodes: %d of %d", len(self.nodes), self.min_nodes)
             time.sleep(1.0)
+
+    def _maybe_poll_nodes(self) -> None:
+        """:meth:`_poll_nodes` at most every ``node_poll_interval`` wall seconds."""
+        if time.monotonic() - self._last_node_poll > self.node_poll_interval:
+            self._poll_nodes()
+            self._last_node_poll = time.monotonic()
 
     def _poll_nodes(self) -> None:
         current = sorted(int(n) for n in self.grid.get_node_ids())
