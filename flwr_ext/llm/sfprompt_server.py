@@ -206,14 +206,17 @@ class SFPromptServer:
         self.state = split.trainable_state()
         self._stale: dict[int, str] = {}
 
+    @staticmethod
+    def _at(rate: float | Callable[[int], float], rnd: int) -> float:
+        """A learning rate given as a constant or as ``f(server_round)``, in round ``rnd``."""
+        return float(rate(rnd)) if callable(rate) else float(rate)
+
     def _lr(self, rnd: int) -> float:
-        return float(self.lr(rnd)) if callable(self.lr) else float(self.lr)
+        return self._at(self.lr, rnd)
 
     def _tail_lr(self, rnd: int) -> float:
         """The tail's learning rate in ``rnd`` (0.0: the prompt's)."""
-        if self.tail_lr is None:
-            return 0.0
-        return float(self.tail_lr(rnd)) if callable(self.tail_lr) else float(self.tail_lr)
+        return 0.0 if self.tail_lr is None else self._at(self.tail_lr, rnd)
 
     def _num_steps(self, start_metrics: Any) -> int:
         """Split steps of one client this round: fixed, or epochs over its kept examples."""
