@@ -29,6 +29,42 @@ def parse_targets(targets: str | Sequence[str]) -> list[str]:
     return list(targets)
 
 
+def parse_layers(layers: str | Sequence[int] | None, num_layers: int) -> list[int] | None:
+    """Decoder layers to adapt: ``""`` / ``None`` = all; ``"26-29"``, ``"0,5"``; ``"last:4"``.
+
+    Raises
+    ------
+    ValueError
+        A malformed spec or a layer index outside ``[0, num_layers)``.
+    """
+    if layers is None or (isinstance(layers, str) and not layers.strip()):
+        return None
+    if isinstance(layers, str):
+        text = layers.strip()
+        out: list[int] = []
+        try:
+            if text.startswith("last:"):
+                k = int(text[5:])
+                if not 0 < k <= num_layers:
+                    raise ValueError
+                out = list(range(num_layers - k, num_layers))
+            else:
+                for part in text.split(","):
+                    lo, _, hi = part.strip().partition("-")
+                    out.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise ValueError(
+                f"lora layers must look like 'last:4', '26-29' or '0,5' "
+                f"(model has {num_layers} layers), got {layers!r}"
+            ) from None
+    else:
+        out = [int(i) for i in layers]
+    bad = [i for i in out if not 0 <= i < num_layers]
+    if bad or not out:
+        raise ValueError(f"lora layers {bad or out} outside the model's {num_layers} layers")
+    return sorted(set(out))
+
+
 def apply_lora(
     model: PreTrainedModel,
     r: int = 8,
@@ -37,6 +73,7 @@ def apply_lora(
     dropout: float = 0.0,
     ffa: bool = False,
     seed: int = 0,
+    layers: str | Sequence[int] | None = None,
 ) -> PeftModel:
     """Wrap ``model`` with a LoRA adapter; the base weights are frozen.
 
@@ -49,7 +86,12 @@ def apply_lora(
     seed : int
         Seed of the adapter initialisation. With the same seed every process builds the same
         ``A`` (needed by FFA-LoRA, which never transmits ``A``). The global RNG is not disturbed.
+    layers : str or sequence of int, optional
+        Adapt only these decoder layers (:func:`parse_layers`; PEFT ``layers_to_transform``).
+        Adapting only the top layers also stops backpropagation below them, and shrinks the
+        adapter, which is what DP-SGD's noise scales with (``sqrt`` of the dimension).
     """
+    num_layers = int(getattr(model.config, "num_hidden_layers", 0) or 0)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -57,6 +99,7 @@ def apply_lora(
         lora_dropout=dropout,
         bias="none",
         task_type="CAUSAL_LM",
+        layers_to_transform=parse_layers(layers, num_layers),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -14,7 +14,7 @@ from flwr_ext.llm.aggregation import (
     stack_lora,
     stacked_rank,
 )
-from flwr_ext.llm.lora import adapter_state, apply_lora, load_adapter_state
+from flwr_ext.llm.lora import adapter_state, apply_lora, load_adapter_state, parse_layers
 from flwr_ext.llm.models import tiny_llama
 
 M = "base_model.model.layers.0.q_proj"
@@ -99,3 +99,28 @@ def test_peft_adapter_state_roundtrip_and_ffa_freezing(tok):
     base = [n for n, p in model.named_parameters() if p.requires_grad]
     assert base and all("lora_B" in n for n in base)
     assert torch.is_tensor(next(model.parameters()))
+
+
+def test_parse_layers_specs():
+    assert parse_layers("", 30) is None and parse_layers(None, 30) is None
+    assert parse_layers("last:4", 30) == [26, 27, 28, 29]
+    assert parse_layers("26-27,0", 30) == [0, 26, 27]
+    assert parse_layers([3, 1, 3], 4) == [1, 3]
+    for bad in ("last:31", "4", "a-b", "last:0"):
+        with pytest.raises(ValueError, match="layers"):
+            parse_layers(bad, 4 if bad == "4" else 30)
+
+
+def test_lora_on_top_layers_only_adapts_them_and_trains(tok):
+    model = apply_lora(tiny_llama(len(tok)), r=2, alpha=4, targets="q_proj,v_proj", layers="last:1")
+    state = adapter_state(model)
+    assert state and all(".layers.3." in k for k in state)
+    assert len(state) == 2 * 2  # (A, B) x (q, v) in layer 3 only
+    with torch.no_grad():  # make B non-zero so A gets a gradient too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.1)
+    ids = torch.randint(0, len(tok), (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())

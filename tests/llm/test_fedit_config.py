@@ -55,6 +55,8 @@ def test_strategy_choices(tmp_path):
         ({"aggregation": "flora", "strategy": "fedbuff"}, "flora stacks synchronous"),
         ({"aggregation": "flora", "compression": "sparse-lora"}, "without compression"),
         ({"dp.client-noise-multiplier": 1.0, "strategy": "fedbuff"}, "needs strategy fedavg"),
+        ({"lora-layers": "top4"}, "lora-layers: lora layers must look like"),
+        ({"lora-layers": "last:0"}, "lora-layers"),
     ],
 )
 def test_bad_values_raise_clear_value_errors(tmp_path, overrides, match):

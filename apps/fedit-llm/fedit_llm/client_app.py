@@ -43,7 +43,7 @@ def _model(cfg: Mapping[str, Any], rank: int) -> tuple[Any, Any, dict, dict]:
 
     Returns ``(model, tokenizer, initial adapter state, base weights of the wrapped modules)``.
     """
-    key = tuple(cfg[k] for k in _MODEL_KEYS) + (rank, cfg["lora-dropout"])
+    key = tuple(cfg[k] for k in _MODEL_KEYS) + (rank, cfg["lora-dropout"], cfg.get("lora-layers"))
     if key not in _CACHE:
         _CACHE.clear()
         model, tok = build_model(cfg, rank=rank)

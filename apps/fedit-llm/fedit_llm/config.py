@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flwr_ext.llm.lora import apply_lora
+from flwr_ext.llm.lora import apply_lora, parse_layers
 from flwr_ext.llm.models import load_model_and_tokenizer
 from flwr_ext.llm.templates import TEMPLATES
 from flwr_ext.llm.train import SCHEDULES
@@ -117,6 +117,10 @@ def validate(run_config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"compression must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg["compression"] = preset
     flora_ranks(cfg)
+    try:  # syntax only here; build_model checks the indices against the model's layers
+        parse_layers(str(cfg.get("lora-layers", "") or ""), num_layers=1 << 30)
+    except ValueError as exc:
+        raise ValueError(f"lora-layers: {exc}") from None
     try:
         dp = DPConfig.from_run_config(cfg)
     except ValueError as exc:
@@ -152,5 +156,6 @@ def build_model(cfg: Mapping[str, Any], rank: int | None = None):
         dropout=float(cfg["lora-dropout"]),
         ffa=cfg["aggregation"] == "ffa",
         seed=int(cfg["seed"]),
+        layers=str(cfg.get("lora-layers", "") or ""),
     )
     return peft_model, tok
