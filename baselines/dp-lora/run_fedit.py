@@ -112,11 +112,13 @@ def run(eps: float, args: argparse.Namespace) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown table of a sweep."""
+    """Markdown table of a sweep (exact match per category when the task has categories)."""
+    cats = sorted({k[3:] for r in rows for k in r["em_by_category"]})
+    per_cat = f" | EM {' / '.join(cats)}" if cats else ""
     out = [
         "| target epsilon | epsilon spent (RDP) | noise multiplier | eval loss (start -> end)"
-        " | exact match | time |",
-        "|---:|---:|---:|---:|---:|---:|",
+        f" | exact match{per_cat} | time |",
+        "|---:|---:|---:|---:|---:|" + ("---:|" if cats else "") + "---:|",
     ]
     for r in rows:
         if math.isinf(r["epsilon_target"]):
@@ -124,37 +126,43 @@ def table(rows: list[dict]) -> str:
         else:
             eps, spent = f"{r['epsilon_target']:g}", f"{r['epsilon_spent']:.3f}"
             sigma = f"{r['noise_multiplier']:.3f}"
+        ems = " / ".join(f"{100 * r['em_by_category'].get(f'em-{c}', math.nan):.1f}" for c in cats)
         out.append(
             f"| {eps} | {spent} | {sigma} | {r['eval_loss_start']:.3f} -> {r['eval_loss']:.3f} "
-            f"| {100 * r['em']:.1f} % | {r['seconds']:.0f} s |"
+            f"| {100 * r['em']:.1f} %{' | ' + ems + ' %' if cats else ''} | {r['seconds']:.0f} s |"
         )
     return "\n".join(out)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Eval loss against the epsilon spent; the no-DP run as a dashed line."""
+    """Eval loss (and exact match, when measured) against the epsilon spent; no DP dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dp_rows = [r for r in rows if not math.isinf(r["epsilon_target"])]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(
-        [r["epsilon_spent"] for r in dp_rows],
-        [r["eval_loss"] for r in dp_rows],
-        "o-",
-        label="DP-SGD on LoRA (RDP, delta 1e-5)",
-    )
-    for r in rows:
-        if math.isinf(r["epsilon_target"]):
-            ax.axhline(r["eval_loss"], color="gray", ls="--", label="no DP")
-        ax.axhline(r["eval_loss_start"], color="red", ls=":", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("record-level epsilon spent over the whole run")
-    ax.set_ylabel("held-out response loss (lower is better)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    panels = [("eval_loss", "held-out response loss (lower is better)")]
+    if any(r["em"] > 0 for r in rows):
+        panels.append(("em", "held-out exact match"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        ax.plot(
+            [r["epsilon_spent"] for r in dp_rows],
+            [r[key] for r in dp_rows],
+            "o-",
+            label="DP-SGD on LoRA (RDP, delta 1e-5)",
+        )
+        for r in rows:
+            if math.isinf(r["epsilon_target"]):
+                ax.axhline(r[key], color="gray", ls="--", label="no DP")
+        if key == "eval_loss":
+            ax.axhline(rows[0]["eval_loss_start"], color="red", ls=":", lw=0.8, label="start")
+        ax.set_xscale("log")
+        ax.set_xlabel("record-level epsilon spent over the whole run")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
