@@ -3,8 +3,8 @@
 Runs the fedit-llm app's recipe in one process (no Ray), so a configuration costs only its
 training: the app's data split (``flwr_ext.llm.tasks``), ``build_model`` (LoRA, optionally on
 some layers only), FedAvg of the clients' adapters each round (``fedavg_states``), the app's
-non-private loop (``train_lora``) or record-level DP-SGD (``train_lora_dp``) with each client's
-accountant kept in its own ``context.state``, then the app's evaluation of the final adapter.
+local training (``local_train``: ``train_lora``, or record-level DP-SGD with each client's
+accountant kept in its own ``context.state``), then the app's evaluation of the final adapter.
 Reads one JSON object of run-config overrides per line on stdin (the keys of
 ``apps/fedit-llm/pyproject.toml``, e.g. ``"dp.target-epsilon": 8``), prints one JSON result per
 line. The reported numbers come from ``run_fedit.py`` (Flower simulations of the app).
@@ -29,21 +29,13 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
 
 import torch  # noqa: E402
+from fedit_llm.client_app import local_train  # noqa: E402
 from fedit_llm.config import build_model, validate  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 
 from flwr_ext.llm.aggregation import fedavg_states  # noqa: E402
-from flwr_ext.llm.dp_train import train_lora_dp  # noqa: E402
 from flwr_ext.llm.lora import adapter_state, load_adapter_state  # noqa: E402
-from flwr_ext.llm.tasks import (  # noqa: E402
-    client_records,
-    evaluate,
-    lr_at,
-    tokenize,
-    train_eval_records,
-)
-from flwr_ext.llm.train import train_lora  # noqa: E402
-from flwr_ext.privacy import DPConfig  # noqa: E402
+from flwr_ext.llm.tasks import client_records, evaluate, tokenize, train_eval_records  # noqa: E402
 from flwr_ext.sim import fused_run_config  # noqa: E402
 
 APP = Path(__file__).resolve().parents[2] / "apps" / "fedit-llm"
@@ -60,6 +52,7 @@ BASE = {
     "eval-max-new-tokens": 24,
     "eval-batch-size": 16,
     "eval-num-samples": 0,
+    "progress": False,
 }
 """The FedIT baseline's task (``baselines/fedit``); every line of stdin is applied on top."""
 
@@ -70,7 +63,6 @@ def run(overrides: dict, clients: int) -> dict:
     model, tok = build_model(cfg)
     data = [tokenize(cfg, client_records(cfg, i, clients), tok) for i in range(clients)]
     _, held, _ = train_eval_records(cfg)
-    dp = DPConfig.from_run_config(cfg)
     states = [RecordDict() for _ in range(clients)]
     rounds = int(cfg["num-server-rounds"])
     global_state = adapter_state(model, True)
@@ -80,19 +72,11 @@ def run(overrides: dict, clients: int) -> dict:
         replies, weights = [], []
         for pid, examples in enumerate(data):
             load_adapter_state(model, global_state)
-            seed = int(cfg["seed"]) * 1_000_003 + rnd * 1009 + pid
-            common = dict(steps=int(cfg["local-steps"]), batch_size=int(cfg["batch-size"]))
-            common.update(lr=lr_at(cfg, rnd), seed=seed)
-            if dp is None:
-                out = train_lora(model, examples, tok.pad_token_id, progress=False, **common)
-            else:
-                context = Context(0, 0, {}, states[pid], {})
-                out = train_lora_dp(
-                    model, examples, tok.pad_token_id, context=context, dp=dp,
-                    expected_rounds=rounds, **common,
-                )  # fmt: skip
-                states[pid] = context.state
-                last = {k: v for k, v in out.items() if k.startswith("dp-")}
+            context = Context(0, 0, {}, states[pid], {})
+            steps = int(cfg["local-steps"])
+            out = local_train(cfg, model, tok.pad_token_id, examples, context, rnd, pid, steps)
+            states[pid] = context.state
+            last = {k: v for k, v in out.items() if k.startswith("dp-")}
             print(f"  round {rnd} client {pid}: loss {out['loss']:.3f}", file=sys.stderr)
             replies.append(adapter_state(model, True))
             weights.append(len(examples))

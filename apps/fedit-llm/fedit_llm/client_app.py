@@ -65,6 +65,44 @@ def run_config_compression(msg: Message, context: Context, call_next: ClientAppC
 app = ClientApp(mods=[run_config_compression])
 
 
+def local_train(  # noqa: PLR0913
+    cfg: Mapping[str, Any],
+    model: torch.nn.Module,
+    pad_token_id: int,
+    examples: list,
+    context: Context,
+    rnd: int,
+    pid: int,
+    steps: int,
+) -> dict[str, Any]:
+    """One round of partition ``pid``'s local training in round ``rnd``, as the app runs it.
+
+    Non-private ``train_lora``, or record-level DP-SGD (``train_lora_dp``, accountant in
+    ``context.state``) when ``dp.target-epsilon > 0``. Returns the loop's figures plus ``lr``
+    (and the DP ``info`` record).
+    """
+    lr = lr_at(cfg, rnd)
+    seed = int(cfg["seed"]) * 1_000_003 + rnd * 1009 + pid
+    common = dict(steps=steps, batch_size=int(cfg["batch-size"]), lr=lr, seed=seed)
+    dp = DPConfig.from_run_config(cfg)
+    if dp is None:
+        out = train_lora(
+            model,
+            examples,
+            pad_token_id,
+            progress=bool(cfg.get("progress", False)),
+            desc=f"client {pid} round {rnd}",
+            **common,
+        )
+    else:
+        expected = int(cfg.get("dp.expected-rounds", 0) or cfg["num-server-rounds"])
+        out = train_lora_dp(
+            model, examples, pad_token_id, context=context, dp=dp, expected_rounds=expected,
+            **common,
+        )  # fmt: skip
+    return {**out, "lr": lr}
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received adapter for ``local-steps`` steps and reply with it."""
@@ -85,38 +123,10 @@ def train(msg: Message, context: Context) -> Message:
         load_adapter_state(model, incoming)
     config = msg.content["config"]
     rnd = int(config.get("round-offset", 0)) + int(config["server-round"])
-    num_rounds = int(cfg["num-server-rounds"])
-    lr = lr_at(cfg, rnd)
     steps = int(config.get("local-steps", cfg["local-steps"]))  # FedCompass may set it
-    seed = int(cfg["seed"]) * 1_000_003 + rnd * 1009 + pid
-    dp = DPConfig.from_run_config(cfg)
-    records: dict[str, Any] = {}
-    if dp is None:
-        out = train_lora(
-            model,
-            examples,
-            tok.pad_token_id,
-            steps=steps,
-            batch_size=int(cfg["batch-size"]),
-            lr=lr,
-            seed=seed,
-            progress=bool(cfg.get("progress", False)),
-            desc=f"client {pid} round {rnd}",
-        )
-    else:
-        out = train_lora_dp(
-            model,
-            examples,
-            tok.pad_token_id,
-            context=context,
-            dp=dp,
-            steps=steps,
-            expected_rounds=int(cfg.get("dp.expected-rounds", 0) or num_rounds),
-            batch_size=int(cfg["batch-size"]),
-            lr=lr,
-            seed=seed,
-        )
-        records["dp"] = out.pop("info")
+    out = local_train(cfg, model, tok.pad_token_id, examples, context, rnd, pid, steps)
+    records: dict[str, Any] = {"dp": out.pop("info")} if "info" in out else {}
+    lr = out.pop("lr")
     reply = ArrayRecord({k: Array(v) for k, v in adapter_state(model, True).items()})
     metrics: dict[str, Any] = {
         "num-examples": len(examples),
