@@ -1,18 +1,24 @@
 """Asynchronous federated learning on Flower's Grid: the event loop, clocks, device profiles.
 
-See :mod:`flwr_ext.asyncfl.engine` for the strategy hook API.
+Strategies subclass :class:`AsyncStrategy` (:mod:`flwr_ext.asyncfl.strategy`) and see the engine
+through :class:`EngineAPI`; docs/asyncfl.md has the design notes.
 """
 
-from flwr_ext.asyncfl.clock import JobTiming, RealClock, VirtualClock, make_clock
-from flwr_ext.asyncfl.engine import AsyncEngine, AsyncStrategy, Job, NodeState, Timer, Update
+from flwr_ext.asyncfl.clock import JobTiming, RealClock, VirtualClock
+from flwr_ext.asyncfl.engine import AsyncEngine
+from flwr_ext.asyncfl.options import EngineOptions
 from flwr_ext.asyncfl.profiles import DeviceProfile, NodeSpeed
 from flwr_ext.asyncfl.records import AsyncResult, UpdateRecord
+from flwr_ext.asyncfl.strategy import AsyncStrategy
+from flwr_ext.asyncfl.types import EngineAPI, Job, NodeState, Timer, Update
 
 __all__ = [
     "AsyncEngine",
     "AsyncResult",
     "AsyncStrategy",
     "DeviceProfile",
+    "EngineAPI",
+    "EngineOptions",
     "Job",
     "JobTiming",
     "NodeSpeed",
@@ -22,5 +28,4 @@ __all__ = [
     "Update",
     "UpdateRecord",
     "VirtualClock",
-    "make_clock",
 ]

@@ -114,3 +114,52 @@ class AsyncResult(Result):
         base = super().__repr__()
         nonzero = {k: v for k, v in self.counters.items() if v}
         return f"{base}\nCounters: {nonzero}\nReasons: {self.reasons}"
+
+
+#: Counters every run reports (others, such as ``resumes``, appear when they happen).
+COUNTERS = (
+    "jobs-dispatched",
+    "updates-received",
+    "updates-accepted",
+    "updates-applied",
+    "updates-rejected",
+    "updates-discarded",
+    "error-replies",
+    "job-timeouts",
+    "duplicate-replies",
+    "unknown-replies",
+    "nodes-retired",
+    "nodes-discovered",
+    "clock-violations",
+    "jobs-abandoned",
+    "jobs-unfinished",
+)
+
+
+@dataclass
+class CostMeter:
+    """Server cost of a run (see docs/asyncfl.md, "Server cost").
+
+    ``overhead`` is the loop's wall time minus evaluation; ``loop_cpu`` its thread CPU time
+    minus evaluation; ``handle_cpu`` the CPU time of handling events (checks, decoding, the
+    strategy's hooks, ``commit``); ``eval_time`` / ``eval_cpu`` the evaluation's.
+    """
+
+    overhead: float = 0.0
+    loop_cpu: float = 0.0
+    handle_cpu: float = 0.0
+    eval_time: float = 0.0
+    eval_cpu: float = 0.0
+
+    def as_counters(self, applied: int) -> dict[str, float]:
+        """The cost entries of ``result.counters``."""
+        return {
+            "server-overhead-s": float(self.overhead),
+            "server-cpu-s": float(self.loop_cpu),
+            "engine-cpu-s": float(self.handle_cpu),
+            "engine-cpu-ms-per-update": (
+                1000.0 * self.handle_cpu / applied if applied else float("nan")
+            ),
+            "evaluate-s": float(self.eval_time),
+            "evaluate-cpu-s": float(self.eval_cpu),
+        }

@@ -19,6 +19,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from flwr_ext.wrappers import find_in_chain
+
 from .accounting import ByteCounter, record_bytes
 from .codec import DEFAULT_MAX_ELEMENTS, decode_tensor, is_sparse_payload
 from .errors import ConfigError, CorruptPayloadError
@@ -31,6 +33,54 @@ def is_compressed(record: ArrayRecord) -> bool:
     return any(arr.stype.startswith(STYPE_PREFIX) for arr in record.values())
 
 
+def decode_deltas(
+    record: ArrayRecord,
+    reference: dict[str, tuple[tuple[int, ...], str]],
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    allow_nonfinite: bool = False,
+) -> dict[str, np.ndarray]:
+    """Decode the ``flwr-ext`` payloads of ``record`` into deltas: the one decoder of the server.
+
+    The asynchronous engine keeps these deltas as they are (a compressed reply never becomes a
+    full model there); the synchronous :class:`Compressed` wrapper adds them to the arrays it
+    sent, because Flower's strategies aggregate full weights. Entries that are not payloads are
+    skipped (they are plain arrays).
+
+    Parameters
+    ----------
+    record : ArrayRecord
+        The reply's arrays.
+    reference : dict
+        ``{name: (shape, dtype)}`` of the model sent: every payload must name one of these
+        tensors and match its shape; no tensor can be larger than the one that was sent.
+    max_elements, allow_nonfinite
+        As :func:`~flwr_ext.compression.codec.decode_tensor`.
+
+    Raises
+    ------
+    CorruptPayloadError
+        If any payload is invalid or does not match the reference.
+    """
+    out: dict[str, np.ndarray] = {}
+    for name, arr in record.items():
+        if not arr.stype.startswith(STYPE_PREFIX):
+            continue
+        if name not in reference:
+            raise CorruptPayloadError(f"payload for unknown tensor {name!r}")
+        shape, _ = reference[name]
+        if tuple(arr.shape) != tuple(shape):
+            raise CorruptPayloadError(f"{name!r}: Array shape {arr.shape} != sent {shape}")
+        out[name] = decode_tensor(
+            arr.data,
+            expected_shape=tuple(shape),
+            expected_dtype=arr.dtype,
+            max_elements=min(max_elements, max(1, int(np.prod(shape, dtype=np.int64)))),
+            allow_nonfinite=allow_nonfinite,
+        )
+    return out
+
+
 def decode_arrays(
     record: ArrayRecord,
     reference: ArrayRecord,
@@ -41,34 +91,35 @@ def decode_arrays(
     """Decode one ArrayRecord of deltas into full arrays ``reference + delta``.
 
     Entries that are not ``flwr-ext`` payloads are returned as they are. Every payload must
-    name a tensor of ``reference`` and match its shape.
+    name a tensor of ``reference`` and match its shape (:func:`decode_deltas`).
 
     Raises
     ------
     CorruptPayloadError
         If any payload is invalid or does not match the reference.
     """
+    refs: dict[str, np.ndarray] = {}
+    for name, arr in record.items():
+        if arr.stype.startswith(STYPE_PREFIX) and name in reference:
+            try:
+                refs[name] = reference[name].numpy()
+            except (TypeError, ValueError) as exc:
+                raise CorruptPayloadError(
+                    f"reference {name!r} is not a numpy array: {exc}"
+                ) from None
+    deltas = decode_deltas(
+        record,
+        {k: (v.shape, str(v.dtype)) for k, v in refs.items()},
+        max_elements=max_elements,
+        allow_nonfinite=allow_nonfinite,
+    )
     out: dict[str, Array] = {}
     for name, arr in record.items():
-        if not arr.stype.startswith(STYPE_PREFIX):
+        if name in deltas:
+            delta = deltas[name]
+            out[name] = Array(np.asarray(refs[name].astype(delta.dtype) + delta))
+        else:
             out[name] = arr
-            continue
-        if name not in reference:
-            raise CorruptPayloadError(f"payload for unknown tensor {name!r}")
-        try:
-            ref = reference[name].numpy()
-        except (TypeError, ValueError) as exc:
-            raise CorruptPayloadError(f"reference {name!r} is not a numpy array: {exc}") from None
-        if tuple(arr.shape) != ref.shape:
-            raise CorruptPayloadError(f"{name!r}: Array shape {arr.shape} != sent {ref.shape}")
-        delta = decode_tensor(
-            arr.data,
-            expected_shape=ref.shape,
-            expected_dtype=arr.dtype,
-            max_elements=max_elements,
-            allow_nonfinite=allow_nonfinite,
-        )
-        out[name] = Array(np.asarray(ref.astype(delta.dtype) + delta))
     return ArrayRecord(out)
 
 
@@ -175,21 +226,15 @@ def support_mean(
 
 
 def _weight_key(strategy: Strategy) -> str:
-    s: Any = strategy
-    while s is not None:
-        if hasattr(s, "weighted_by_key"):
-            return str(s.weighted_by_key)
-        s = getattr(s, "strategy", None)
-    return "num-examples"
+    found = find_in_chain(strategy, lambda s: hasattr(s, "weighted_by_key"))
+    return "num-examples" if found is None else str(found.weighted_by_key)
 
 
 def _has_dp(strategy: Strategy) -> bool:
-    s: Any = strategy
-    while s is not None:
-        if type(s).__name__.startswith("DifferentialPrivacy"):
-            return True
-        s = getattr(s, "strategy", None)
-    return False
+    return (
+        find_in_chain(strategy, lambda s: type(s).__name__.startswith("DifferentialPrivacy"))
+        is not None
+    )
 
 
 class Compressed(Strategy):

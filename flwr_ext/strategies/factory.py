@@ -13,8 +13,8 @@ from typing import Any
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flwr_ext.asyncfl.clock import RealClock, VirtualClock
-from flwr_ext.asyncfl.engine import AsyncStrategy
 from flwr_ext.asyncfl.profiles import DeviceProfile
+from flwr_ext.asyncfl.strategy import AsyncStrategy
 from flwr_ext.staleness import Staleness, from_config
 from flwr_ext.strategies.fedasync import FedAsync
 from flwr_ext.strategies.fedavg_timed import FedAvgTimed

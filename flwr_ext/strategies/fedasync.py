@@ -7,7 +7,8 @@ from logging import INFO
 from flwr.common.logger import log
 
 from flwr_ext.asyncfl.aggregate import mix
-from flwr_ext.asyncfl.engine import AsyncEngine, AsyncStrategy, Update
+from flwr_ext.asyncfl.strategy import AsyncStrategy
+from flwr_ext.asyncfl.types import EngineAPI, Update
 from flwr_ext.staleness import Staleness, polynomial
 
 
@@ -27,15 +28,20 @@ class FedAsync(AsyncStrategy):
     staleness : Staleness (default: polynomial, a = 0.5)
         The staleness function ``s`` (see :mod:`flwr_ext.staleness`); a weight of 0 (beyond
         its ``max_staleness``) discards the update.
-    weighted_by_key, arrayrecord_key, configrecord_key : str
+    weighted_by_key : str or None (default: None)
+        FedAsync does not weight by sample counts; set it to require a valid count anyway.
+    arrayrecord_key, configrecord_key : str
         As in Flower's FedAvg.
     """
+
+    #: The mix uses the client's full weights ``x_new`` (not only its delta).
+    needs_weights = True
 
     def __init__(
         self,
         alpha: float = 0.6,
         staleness: Staleness | None = None,
-        weighted_by_key: str = "num-examples",
+        weighted_by_key: str | None = None,
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
     ) -> None:
@@ -50,11 +56,11 @@ class FedAsync(AsyncStrategy):
         log(INFO, "\t├──> alpha: %s", self.alpha)
         log(INFO, "\t└──> staleness: %s", self.staleness)
 
-    def on_update(self, engine: AsyncEngine, update: Update) -> None:
+    def on_update(self, engine: EngineAPI, update: Update) -> None:
         """Apply one update immediately (Alg. 1, server lines 4-6)."""
         weight = self.staleness(update.staleness)
         if weight <= 0.0:
-            engine.discard(update, f"too stale: {update.staleness}")
+            engine.discard(update, "too stale", str(update.staleness))
             return
         alpha_t = self.alpha * weight
         engine.commit(mix(engine.params, update.params, alpha_t), [update], {"alpha-t": alpha_t})

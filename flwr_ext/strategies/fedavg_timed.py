@@ -9,7 +9,8 @@ from typing import Any
 from flwr.common.logger import log
 
 from flwr_ext.asyncfl.aggregate import add_scaled, weighted_delta
-from flwr_ext.asyncfl.engine import AsyncEngine, AsyncStrategy, Job, NodeState, Update
+from flwr_ext.asyncfl.strategy import AsyncStrategy
+from flwr_ext.asyncfl.types import EngineAPI, Job, NodeState, Update
 
 
 class FedAvgTimed(AsyncStrategy):
@@ -58,12 +59,12 @@ class FedAvgTimed(AsyncStrategy):
             self.min_train_nodes,
         )
 
-    def on_start(self, engine: AsyncEngine) -> None:
+    def on_start(self, engine: EngineAPI) -> None:
         """No round in progress."""
         self._waiting, self._replies = set(), []
 
     def configure_dispatch(
-        self, engine: AsyncEngine, idle: list[NodeState]
+        self, engine: EngineAPI, idle: list[NodeState]
     ) -> list[tuple[NodeState, dict[str, Any]]]:
         """Start a round when the previous one is complete (the barrier)."""
         if self._waiting or not idle:
@@ -77,18 +78,18 @@ class FedAvgTimed(AsyncStrategy):
         self._replies = []
         return [(n, {}) for n in chosen]
 
-    def on_update(self, engine: AsyncEngine, update: Update) -> None:
+    def on_update(self, engine: EngineAPI, update: Update) -> None:
         """Collect one reply; aggregate when the whole cohort is in."""
         self._replies.append(update)
         self._waiting.discard(update.job.node.rank)
         self._maybe_aggregate(engine)
 
-    def on_job_failed(self, engine: AsyncEngine, job: Job, reason: str) -> None:
+    def on_job_failed(self, engine: EngineAPI, job: Job, reason: str) -> None:
         """A failed client leaves the cohort (as Flower's FedAvg drops failures)."""
         self._waiting.discard(job.node.rank)
         self._maybe_aggregate(engine)
 
-    def _maybe_aggregate(self, engine: AsyncEngine) -> None:
+    def _maybe_aggregate(self, engine: EngineAPI) -> None:
         if self._waiting:
             return
         replies, self._replies = self._replies, []

@@ -8,7 +8,8 @@ import numpy as np
 from flwr.common.logger import log
 
 from flwr_ext.asyncfl.aggregate import add_scaled, weighted_delta
-from flwr_ext.asyncfl.engine import AsyncEngine, AsyncStrategy, Update
+from flwr_ext.asyncfl.strategy import AsyncStrategy
+from flwr_ext.asyncfl.types import EngineAPI, Update
 from flwr_ext.staleness import Staleness, polynomial
 
 
@@ -52,7 +53,7 @@ class FedBuff(AsyncStrategy):
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
     ) -> None:
-        super().__init__(weighted_by_key or "num-examples", arrayrecord_key, configrecord_key)
+        super().__init__(weighted_by_key, arrayrecord_key, configrecord_key)
         if buffer_size < 1:
             raise ValueError("buffer_size must be >= 1")
         self.buffer_size = int(buffer_size)
@@ -69,27 +70,27 @@ class FedBuff(AsyncStrategy):
         log(INFO, "\t├──> momentum: %s", self.server_momentum)
         log(INFO, "\t└──> staleness: %s", self.staleness)
 
-    def on_start(self, engine: AsyncEngine) -> None:
+    def on_start(self, engine: EngineAPI) -> None:
         """Empty the buffer."""
         self._buffer, self._momentum = [], None
 
-    def on_update(self, engine: AsyncEngine, update: Update) -> None:
+    def on_update(self, engine: EngineAPI, update: Update) -> None:
         """Buffer a staleness-weighted delta; flush after K (Alg. 1, lines 8-13)."""
         weight = self.staleness(update.staleness)
         if weight <= 0.0:
-            engine.discard(update, f"too stale: {update.staleness}")
+            engine.discard(update, "too stale", str(update.staleness))
             return
         self._buffer.append((update, weight))
         if len(self._buffer) >= self.buffer_size:
             self.flush(engine)
 
-    def on_finish(self, engine: AsyncEngine) -> None:
+    def on_finish(self, engine: EngineAPI) -> None:
         """A partial buffer is never applied (FedBuff steps only on K updates): say so."""
         for update, _ in self._buffer:
             engine.discard(update, "fedbuff run ended before the buffer was full")
         self._buffer = []
 
-    def flush(self, engine: AsyncEngine) -> None:
+    def flush(self, engine: EngineAPI) -> None:
         """One server step from the buffered updates."""
         updates = [u for u, _ in self._buffer]
         if self.sample_weighted:

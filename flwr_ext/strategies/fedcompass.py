@@ -16,7 +16,8 @@ from typing import Any
 
 from flwr_ext.asyncfl.aggregate import add_scaled, weighted_delta
 from flwr_ext.asyncfl.compass_scheduler import Aggregate, CompassScheduler, Dispatch
-from flwr_ext.asyncfl.engine import AsyncEngine, AsyncStrategy, Job, NodeState, Timer, Update
+from flwr_ext.asyncfl.strategy import AsyncStrategy
+from flwr_ext.asyncfl.types import EngineAPI, Job, NodeState, Timer, Update
 from flwr_ext.staleness import StalenessFn, from_config, polynomial
 
 #: Run-config keys read by :meth:`FedCompass.from_run_config` and their defaults.
@@ -32,6 +33,11 @@ RUN_CONFIG_KEYS: dict[str, Any] = {
     "staleness-b": 4,
     "max-staleness": -1,
 }
+
+
+def _weighted_by_key(weighting: str) -> str | None:
+    """``compass-weighting``: ``uniform`` (``p_i = 1/N``) or the sample-count metric's name."""
+    return None if weighting == "uniform" else weighting
 
 
 class FedCompass(AsyncStrategy):
@@ -64,9 +70,10 @@ class FedCompass(AsyncStrategy):
         whose weight is 0 (a cut-off) is discarded, not aggregated.
     server_lr : float
         Global step size ``eta``.
-    weighting : {"num-examples", "uniform"}
-        ``p_i``: ``n_i / sum_j n_j`` (reported ``num-examples``) or ``1 / N``.
-    weighted_by_key, arrayrecord_key, configrecord_key : str
+    weighted_by_key : str or None
+        ``p_i``: ``n_i / sum_j n_j`` with ``n_i`` this reply metric (Flower's name; default
+        ``num-examples``), or ``1 / N`` when ``None``.
+    arrayrecord_key, configrecord_key : str
         As in Flower's FedAvg.
 
     Notes
@@ -85,8 +92,7 @@ class FedCompass(AsyncStrategy):
         speed_momentum: float = 0.9,
         staleness: StalenessFn | None = None,
         server_lr: float = 1.0,
-        weighting: str = "num-examples",
-        weighted_by_key: str = "num-examples",
+        weighted_by_key: str | None = "num-examples",
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
     ) -> None:
@@ -97,7 +103,6 @@ class FedCompass(AsyncStrategy):
         self.speed_momentum = float(speed_momentum)
         self.staleness = staleness if staleness is not None else polynomial(0.5)
         self.server_lr = float(server_lr)
-        self.weighting = weighting
         self._new_scheduler()  # validates the parameters now, not at start
 
     @classmethod
@@ -127,7 +132,7 @@ class FedCompass(AsyncStrategy):
                 max_staleness=max_staleness if max_staleness >= 0 else None,
             ),
             server_lr=get("server-lr"),
-            weighting=get("compass-weighting"),
+            weighted_by_key=_weighted_by_key(get("compass-weighting")),
         )
 
     def _new_scheduler(self) -> None:
@@ -138,7 +143,7 @@ class FedCompass(AsyncStrategy):
             speed_momentum=self.speed_momentum,
             staleness_fn=self.staleness,
             server_lr=self.server_lr,
-            weighting=self.weighting,
+            weighting="uniform" if self.weighted_by_key is None else "num-examples",
         )
         self._ready: dict[int, Dispatch] = {}  # node rank -> job to send at the next dispatch
         self._sent: set[int] = set()  # node ranks handed to the engine, no reply/failure yet
@@ -150,12 +155,12 @@ class FedCompass(AsyncStrategy):
         return self._scheduler
 
     # ------------------------------------------------------------------ hooks, in run order
-    def on_start(self, engine: AsyncEngine) -> None:
+    def on_start(self, engine: EngineAPI) -> None:
         """Fresh scheduler for this run: every node starts with a ``q_max`` probe job."""
         self._new_scheduler()
 
     def configure_dispatch(
-        self, engine: AsyncEngine, idle: list[NodeState]
+        self, engine: EngineAPI, idle: list[NodeState]
     ) -> list[tuple[NodeState, dict[str, Any]]]:
         """Send the jobs the scheduler decided; new nodes get a probe job (Alg. 1)."""
         sched = self._scheduler
@@ -177,7 +182,7 @@ class FedCompass(AsyncStrategy):
                 out.append((node, {"local-steps": int(job.local_steps)}))
         return out
 
-    def on_update(self, engine: AsyncEngine, update: Update) -> None:
+    def on_update(self, engine: EngineAPI, update: Update) -> None:
         """An arrival (Alg. 1): single update, wait for the group, or late buffer."""
         nid = update.job.node.rank
         self._sent.discard(nid)
@@ -189,12 +194,12 @@ class FedCompass(AsyncStrategy):
         )
         self._run(engine, actions)
 
-    def on_timer(self, engine: AsyncEngine, timer: Timer) -> None:
+    def on_timer(self, engine: EngineAPI, timer: Timer) -> None:
         """A group deadline: aggregate whoever arrived, re-dispatch them."""
         self._timers.pop(timer.payload, None)
         self._run(engine, self._scheduler.on_deadline(engine.now))
 
-    def on_job_failed(self, engine: AsyncEngine, job: Job, reason: str) -> None:
+    def on_job_failed(self, engine: EngineAPI, job: Job, reason: str) -> None:
         """Drop the job from its group (which may complete now); re-dispatch a live node."""
         nid = job.node.rank
         self._sent.discard(nid)
@@ -205,7 +210,7 @@ class FedCompass(AsyncStrategy):
             self._ready[nid] = self._scheduler.assign(nid, engine.now)
             self._sync_timers(engine)
 
-    def on_finish(self, engine: AsyncEngine) -> None:
+    def on_finish(self, engine: EngineAPI) -> None:
         """Updates still waiting for a group (or buffered late) were never applied."""
         for _, update in self._scheduler.held():
             engine.discard(update, "fedcompass run ended before its group aggregated")
@@ -228,7 +233,7 @@ class FedCompass(AsyncStrategy):
             "timers": self._timers,
         }
 
-    def load_state_dict(self, engine: AsyncEngine, state: dict[str, Any]) -> None:
+    def load_state_dict(self, engine: EngineAPI, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` into a fresh scheduler built from this instance's params."""
         self._new_scheduler()
         vars(self._scheduler).update(state["scheduler"])
@@ -237,7 +242,7 @@ class FedCompass(AsyncStrategy):
         self._timers = state["timers"]
 
     # ------------------------------------------------------------------ internals
-    def _run(self, engine: AsyncEngine, actions: list[Aggregate | Dispatch]) -> None:
+    def _run(self, engine: EngineAPI, actions: list[Aggregate | Dispatch]) -> None:
         for action in actions:
             if isinstance(action, Aggregate):
                 self._aggregate(engine, action)
@@ -245,7 +250,7 @@ class FedCompass(AsyncStrategy):
                 self._ready[action.client] = action
         self._sync_timers(engine)
 
-    def _aggregate(self, engine: AsyncEngine, agg: Aggregate) -> None:
+    def _aggregate(self, engine: EngineAPI, agg: Aggregate) -> None:
         """``w <- w + sum_i weight_i (x_i - w_{tau_i})`` as one engine commit (Alg. 1)."""
         applied: list[Update] = []
         weights: list[float] = []
@@ -278,7 +283,7 @@ class FedCompass(AsyncStrategy):
                 f"FedCompass out of sync: scheduler version {agg.version}, engine {version}"
             )
 
-    def _sync_timers(self, engine: AsyncEngine) -> None:
+    def _sync_timers(self, engine: EngineAPI) -> None:
         """One engine timer per open group, at its deadline; cancel closed groups' timers."""
         open_groups = self._scheduler.open_deadlines()
         for gid, timer in list(self._timers.items()):

@@ -59,7 +59,7 @@ def _trace(tmp_path, step_times) -> DeviceProfile:
 def test_two_equal_nodes_group_aggregation_by_hand(tmp_path) -> None:
     client = _Client()
     grid = FakeGrid(client, num_nodes=2, seed=1)
-    strategy = FedCompass(q_min=2, q_max=10, staleness=constant(), weighting="uniform")
+    strategy = FedCompass(q_min=2, q_max=10, staleness=constant(), weighted_by_key=None)
     result = strategy.start(
         grid,
         _init(),
@@ -190,7 +190,7 @@ def test_from_run_config_keys() -> None:
         }
     )
     assert (s.q_min, s.q_max, s.latest_time_factor, s.speed_momentum) == (5, 40, 2.0, 0.5)
-    assert (s.weighting, s.server_lr) == ("uniform", 0.8)
+    assert (s.weighted_by_key, s.server_lr) == (None, 0.8)
     assert s.staleness(1) == pytest.approx(0.5) and s.staleness(4) == 0.0  # cut-off above 3
     d = FedCompass.from_run_config({})
     assert (d.q_min, d.q_max, d.latest_time_factor) == (20, 100, 1.5)
