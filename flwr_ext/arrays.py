@@ -10,11 +10,38 @@ bytes are identical to Flower's (tested), so either side can read what the other
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"
+
+
+@lru_cache(maxsize=4096)
+def _parse_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+    """``(shape, fortran_order, dtype)`` of a ``.npy`` header (cached: headers repeat)."""
+    buf = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(buf)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(buf)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(buf)
+    except ValueError:
+        return None
+    return None
+
+
+def _header_length(data: bytes) -> int:
+    """Bytes of the magic + header of a ``.npy`` payload (0 if not one)."""
+    if len(data) < 12 or data[:6] != b"\x93NUMPY":
+        return 0
+    if data[6] == 1:
+        return 10 + int.from_bytes(data[8:10], "little")
+    if data[6] in (2, 3):
+        return 12 + int.from_bytes(data[8:12], "little")
+    return 0
 
 
 def array_to_numpy(arr: Array) -> np.ndarray:
@@ -24,23 +51,16 @@ def array_to_numpy(arr: Array) -> np.ndarray:
     a plain C-ordered ``.npy`` payload.
     """
     data = arr.data
-    if arr.stype != NUMPY_STYPE or not isinstance(data, bytes | bytearray | memoryview):
+    if arr.stype != NUMPY_STYPE or not isinstance(data, bytes):
         return arr.numpy()
-    buf = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buf)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buf)
-        else:
-            return arr.numpy()
-    except ValueError:
+    offset = _header_length(data)
+    parsed = _parse_header(data[:offset]) if 0 < offset <= 65536 else None
+    if parsed is None:
         return arr.numpy()
+    shape, fortran, dtype = parsed
     if fortran or dtype.hasobject:
         return arr.numpy()
     count = int(np.prod(shape, dtype=np.int64))
-    offset = buf.tell()
     if len(data) - offset != count * dtype.itemsize:
         return arr.numpy()  # let Flower raise on a truncated payload
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)

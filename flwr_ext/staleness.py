@@ -16,8 +16,9 @@ weight as "reject the update as too stale".
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 StalenessFn = Callable[[int], float]
 
@@ -84,3 +85,24 @@ def from_config(
     if max_staleness is not None and max_staleness < 0:
         max_staleness = None
     return Staleness(kind, a=a, b=b, max_staleness=max_staleness)
+
+
+#: ``staleness-a`` when a run config does not set it: Xie et al.'s default for each function
+#: (polynomial ``a = 0.5``; hinge ``a = 10``, ``b = 4``, as :func:`hinge`).
+DEFAULT_A = {"constant": 0.5, "polynomial": 0.5, "hinge": 10.0}
+
+
+def from_run_config(cfg: Mapping[str, Any]) -> Staleness:
+    """The staleness function of a Flower run config.
+
+    Keys: ``staleness`` (constant|polynomial|hinge, default polynomial), ``staleness-a``
+    (default per function: :data:`DEFAULT_A`), ``staleness-b`` (default 4), ``max-staleness``
+    (< 0 or missing: no cut-off).
+    """
+    kind = str(cfg.get("staleness", "polynomial"))
+    return from_config(
+        kind,
+        a=float(cfg.get("staleness-a", DEFAULT_A.get(kind, 0.5))),
+        b=int(cfg.get("staleness-b", 4)),
+        max_staleness=int(cfg.get("max-staleness", -1)),
+    )

@@ -41,6 +41,8 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr_ext.staleness import polynomial
+
 ClientId = Hashable
 
 #: Tolerance added before ``floor`` so that e.g. ``(30.0 - 10.0) / 0.1`` gives 200, not 199.
@@ -50,23 +52,11 @@ _FLOOR_EPS = 1e-9
 def polynomial_staleness(a: float = 0.5) -> Callable[[int], float]:
     """Staleness weight ``S(u) = (1 + u)^(-a)`` (FedCompass Sec. 3, after Xie et al. 2019).
 
-    The reference code computes ``(1 + u)^a``, which *up-weights* stale updates for
-    ``a > 0``; this is the corrected, decreasing form.
-
-    Parameters
-    ----------
-    a : float
-        Decay exponent, ``a >= 0``. ``a = 0`` gives the constant function 1.
+    :func:`flwr_ext.staleness.polynomial` (the one staleness module). The reference code
+    computes ``(1 + u)^a``, which *up-weights* stale updates for ``a > 0``; this is the
+    corrected, decreasing form.
     """
-    if a < 0:
-        raise ValueError(f"staleness exponent a must be >= 0, got {a}")
-
-    def fn(u: int) -> float:
-        if u < 0:
-            raise ValueError(f"staleness must be >= 0, got {u}")
-        return float((1.0 + u) ** (-a))
-
-    return fn
+    return polynomial(a)
 
 
 @dataclass(frozen=True)
@@ -373,7 +363,10 @@ class CompassScheduler:
                 return actions
             group = min(due, key=lambda g: (g.deadline, g.gid))
             if group.arrived:
-                actions.extend(self._close_group(group, group.deadline, "deadline"))
+                # at `now`, not at the deadline: under a real clock the deadline is noticed
+                # late, and members sent off "at the deadline" would already be late, one
+                # version staler than counted, with the lag in their speed estimate
+                actions.extend(self._close_group(group, now, "deadline"))
             else:  # all members late: nothing to aggregate, they will be buffered
                 del self._groups[group.gid]
 

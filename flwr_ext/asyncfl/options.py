@@ -15,8 +15,10 @@ from typing import Any
 
 
 def _int(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        if isinstance(value, Real) and float(value).is_integer():
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    if not isinstance(value, Integral):
+        if isinstance(value, Real) and math.isfinite(value) and float(value).is_integer():
             value = int(value)
         else:
             raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")

@@ -47,6 +47,7 @@ class FakeGrid:
         self._pending: dict[str, Message] = {}
         self.pushed = 0
         self.client_time = 0.0
+        self.client_cpu = 0.0  # thread CPU seconds spent in client_fn
         # Message() needs a run identity; a real ServerApp process has one (Flower sets it).
         if TaskIdentity._run_id is None:  # noqa: SLF001
             TaskIdentity.task_id, TaskIdentity.run_id = 1, 1
@@ -91,7 +92,7 @@ class FakeGrid:
         for mid in wanted:
             msg = self._pending.pop(mid)
             pid = self.partition[msg.metadata.dst_node_id]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 content = self.client_fn(pid, msg)
                 reply = Message(content, reply_to=msg)
@@ -100,5 +101,6 @@ class FakeGrid:
                     Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, repr(exc)), reply_to=msg
                 )
             self.client_time += time.perf_counter() - t0
+            self.client_cpu += time.thread_time() - c0
             replies.append(reply)
         return replies

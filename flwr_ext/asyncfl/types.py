@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from flwr_ext.asyncfl.aggregate import Difference
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -122,6 +124,15 @@ class Update:
             self._delta = {k: self._params[k] - base[k] for k in base}
         return self._delta
 
+    def delta_terms(self) -> Params | Difference:
+        """The delta for :func:`~flwr_ext.asyncfl.aggregate.weighted_delta`, not materialised.
+
+        Equal to :meth:`delta`; a full-weight reply stays ``params - base`` until aggregated.
+        """
+        if self._delta is not None:
+            return self._delta
+        return Difference(self.params, self._need_base("the delta"))
+
     @property
     def params(self) -> Params:
         """``y_i``: the client's full weights (``base + delta`` for a delta reply)."""
@@ -154,6 +165,15 @@ class EngineAPI(Protocol):
     def version(self) -> int:
         """Current server model version."""
         ...
+
+    def delta_terms(self) -> Params | Difference:
+        """The delta for :func:`~flwr_ext.asyncfl.aggregate.weighted_delta`, not materialised.
+
+        Equal to :meth:`delta`; a full-weight reply stays ``params - base`` until aggregated.
+        """
+        if self._delta is not None:
+            return self._delta
+        return Difference(self.params, self._need_base("the delta"))
 
     @property
     def params(self) -> Params:

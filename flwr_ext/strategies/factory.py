@@ -15,10 +15,11 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr_ext.asyncfl.clock import RealClock, VirtualClock
 from flwr_ext.asyncfl.profiles import DeviceProfile
 from flwr_ext.asyncfl.strategy import AsyncStrategy
-from flwr_ext.staleness import Staleness, from_config
+from flwr_ext.staleness import from_run_config as build_staleness
 from flwr_ext.strategies.fedasync import FedAsync
 from flwr_ext.strategies.fedavg_timed import FedAvgTimed
 from flwr_ext.strategies.fedbuff import FedBuff
+from flwr_ext.strategies.fedcompass import FedCompass
 
 NAMES = ("fedavg", "fedavg-timed", "fedasync", "fedbuff", "fedcompass")
 
@@ -26,17 +27,6 @@ NAMES = ("fedavg", "fedavg-timed", "fedasync", "fedbuff", "fedcompass")
 def _get(cfg: dict[str, Any], key: str, default: Any) -> Any:
     value = cfg.get(key, default)
     return type(default)(value) if default is not None else value
-
-
-def build_staleness(cfg: dict[str, Any]) -> Staleness:
-    """``staleness`` (constant|polynomial|hinge), ``staleness-a``, ``staleness-b``,
-    ``max-staleness`` (< 0: no cut-off)."""
-    return from_config(
-        _get(cfg, "staleness", "polynomial"),
-        a=_get(cfg, "staleness-a", 0.5),
-        b=_get(cfg, "staleness-b", 4),
-        max_staleness=_get(cfg, "max-staleness", -1),
-    )
 
 
 def build_profile(cfg: dict[str, Any]) -> DeviceProfile:
@@ -81,6 +71,8 @@ def build_start_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
         "min_nodes": _get(cfg, "min-train-nodes", 2),
         "wall_timeout": wall if wall > 0 else None,
         "max_reply_bytes": _get(cfg, "max-reply-bytes", 0),
+        "max_concurrency": _get(cfg, "max-concurrency", 0),
+        "sampler_seed": _get(cfg, "seed", 0),
         # only when set, so callers that pass them themselves keep working
         **{kw: float(cfg[key]) for key, kw in _OPTIONAL_KEYS.items() if key in cfg},
         **build_checkpoint_kwargs(cfg),
@@ -148,7 +140,10 @@ def build_strategy(run_config: dict[str, Any]) -> Strategy | AsyncStrategy:
         )
     if name == "fedavg-timed":
         return FedAvgTimed(
-            fraction_train=fraction_train, min_train_nodes=min_nodes, seed=_get(cfg, "seed", 0)
+            fraction_train=fraction_train,
+            min_train_nodes=min_nodes,
+            seed=_get(cfg, "seed", 0),
+            over_selection=_get(cfg, "over-selection", 1.0),
         )
     if name == "fedasync":
         return FedAsync(alpha=_get(cfg, "alpha", 0.6), staleness=build_staleness(cfg))
@@ -161,11 +156,5 @@ def build_strategy(run_config: dict[str, Any]) -> Strategy | AsyncStrategy:
             weighted_by_key="num-examples" if _get(cfg, "fedbuff-weighted", False) else None,
         )
     if name == "fedcompass":
-        try:
-            from flwr_ext.strategies.fedcompass import FedCompass
-        except ImportError as exc:
-            raise ValueError("fedcompass is not available in this build") from exc
-        if hasattr(FedCompass, "from_run_config"):
-            return FedCompass.from_run_config(cfg)
-        return FedCompass()
+        return FedCompass.from_run_config(cfg)
     raise ValueError(f"Unknown strategy {name!r}; available: {', '.join(NAMES)}")

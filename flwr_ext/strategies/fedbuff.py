@@ -98,7 +98,7 @@ class FedBuff(AsyncStrategy):
             coeffs = [w * u.num_examples / total for u, w in self._buffer]
         else:
             coeffs = [w / len(updates) for _, w in self._buffer]
-        step = weighted_delta([u.delta() for u in updates], coeffs)
+        step = weighted_delta([u.delta_terms() for u in updates], coeffs)
         if self.server_momentum > 0.0:
             if self._momentum is None:
                 self._momentum = step

@@ -18,7 +18,7 @@ from flwr_ext.asyncfl.aggregate import add_scaled, weighted_delta
 from flwr_ext.asyncfl.compass_scheduler import Aggregate, CompassScheduler, Dispatch
 from flwr_ext.asyncfl.strategy import AsyncStrategy
 from flwr_ext.asyncfl.types import EngineAPI, Job, NodeState, Timer, Update
-from flwr_ext.staleness import StalenessFn, from_config, polynomial
+from flwr_ext.staleness import StalenessFn, from_run_config, polynomial
 
 #: Run-config keys read by :meth:`FedCompass.from_run_config` and their defaults.
 RUN_CONFIG_KEYS: dict[str, Any] = {
@@ -28,10 +28,6 @@ RUN_CONFIG_KEYS: dict[str, Any] = {
     "compass-speed-momentum": 0.9,
     "compass-weighting": "num-examples",
     "server-lr": 1.0,
-    "staleness": "polynomial",
-    "staleness-a": 0.5,
-    "staleness-b": 4,
-    "max-staleness": -1,
 }
 
 
@@ -119,18 +115,12 @@ class FedCompass(AsyncStrategy):
             default = RUN_CONFIG_KEYS[key]
             return type(default)(cfg.get(key, default))
 
-        max_staleness = get("max-staleness")
         return cls(
             q_min=get("compass-q-min"),
             q_max=get("compass-q-max"),
             latest_time_factor=get("compass-lambda"),
             speed_momentum=get("compass-speed-momentum"),
-            staleness=from_config(
-                get("staleness"),
-                a=get("staleness-a"),
-                b=get("staleness-b"),
-                max_staleness=max_staleness if max_staleness >= 0 else None,
-            ),
+            staleness=from_run_config(cfg),
             server_lr=get("server-lr"),
             weighted_by_key=_weighted_by_key(get("compass-weighting")),
         )
@@ -266,7 +256,7 @@ class FedCompass(AsyncStrategy):
             weights.append(c.weight)
         params = dict(engine.params)
         if applied:
-            delta = weighted_delta([u.delta() for u in applied], weights)
+            delta = weighted_delta([u.delta_terms() for u in applied], weights)
             params = add_scaled(engine.params, delta)
         version = engine.commit(
             params,

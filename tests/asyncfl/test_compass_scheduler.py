@@ -16,6 +16,7 @@ from flwr_ext.asyncfl.compass_scheduler import (
     Dispatch,
     polynomial_staleness,
 )
+from flwr_ext.staleness import polynomial
 
 
 def _uniform(**kw) -> CompassScheduler:
@@ -53,6 +54,7 @@ def test_staleness_function_is_decreasing_and_exact() -> None:
     assert polynomial_staleness(0.0)(7) == 1.0
     with pytest.raises(ValueError):
         polynomial_staleness(-1.0)
+    assert polynomial_staleness(0.5) == polynomial(0.5)  # one staleness module
 
 
 def test_q_assignment_join_create_and_grouping_by_hand() -> None:
@@ -208,6 +210,18 @@ def test_deadline_event_answers_members_and_client_that_never_returns() -> None:
     # B reported failed: it belongs to no open group, nothing to do
     assert s.on_failure("B", 26.0) == []
     assert "B" not in s.in_flight()
+
+
+def test_overdue_deadline_closes_the_group_now_not_at_the_deadline() -> None:
+    """Under a real clock the deadline (25) is noticed late (at 27): A is sent off at 27."""
+    s = _two_member_group()
+    s.on_arrival("A", 20.0, payload="a1")
+    acts = s.on_deadline(27.0)
+    assert _aggs(acts)[0].time == 27.0
+    disp = _disp(acts)["A"]
+    assert disp.time == 27.0
+    # A's next job is timed from 27: its new group expects it at 27 + Q * 1 s
+    assert s.groups()[disp.group]["expected"] == 27.0 + disp.local_steps * 1.0
 
 
 def test_failure_of_last_pending_member_completes_group_early() -> None:

@@ -1,0 +1,237 @@
+"""The engine as a platform: options checked up front, concurrency cap, bounded memory, the one
+reply path (a compressed reply stays a delta), sample-count checks, staleness defaults."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from flwr_ext.asyncfl import DeviceProfile, EngineOptions, VirtualClock
+from flwr_ext.asyncfl.intake import DELTA_FLAG, Reason
+from flwr_ext.asyncfl.testing import FakeGrid
+from flwr_ext.compression.codec import PipelineConfig, encode_update
+from flwr_ext.staleness import from_run_config, hinge, polynomial
+from flwr_ext.strategies import FedAsync, FedAvgTimed, FedBuff, FedCompass
+
+from .helpers import init_arrays, random_client, shift_client
+
+
+def vclock(kind="exponential", seed=0):
+    return VirtualClock(DeviceProfile(kind, mean_step_time=0.1, latency=0.0), seed=seed)
+
+
+# ---------------------------------------------------------------------- options
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("num_rounds", -1),
+        ("num_rounds", 2.5),
+        ("num_rounds", True),
+        ("timeout", -5),
+        ("timeout", 0),
+        ("max_concurrency", -1),
+        ("eval_every", 0),
+        ("max_failures", 0),
+        ("poll_interval", float("nan")),
+    ],
+)
+def test_bad_option_fails_before_the_first_message_and_names_itself(key, value):
+    grid = FakeGrid(random_client, 2)
+    kwargs = {"num_rounds": 3, "timeout": 60, key: value}
+    with pytest.raises(ValueError, match=key):
+        FedAsync().start(grid, init_arrays(), clock=vclock(), **kwargs)
+    assert grid.pushed == 0
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError, match="max_conccurency"):
+        FedBuff().start(FakeGrid(random_client, 2), init_arrays(), max_conccurency=3)
+
+
+def test_integral_float_is_accepted():
+    assert EngineOptions(num_rounds=4.0).num_rounds == 4
+
+
+# ---------------------------------------------------------------------- concurrency cap
+class CountingGrid(FakeGrid):
+    """Records how many messages were in flight at every push."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.max_pending = 0
+        self.targets: list[int] = []
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.targets += [self.partition[m.metadata.dst_node_id] for m in messages]
+        ids = super().push_messages(messages)
+        self.max_pending = max(self.max_pending, len(self._pending))
+        return ids
+
+
+def test_concurrency_cap_bounds_jobs_in_flight_and_samples_all_nodes():
+    grid = CountingGrid(random_client, 200, seed=1, per_pull=3)
+    res = FedBuff(buffer_size=5).start(
+        grid, init_arrays(), num_rounds=60, clock=vclock(), poll_interval=0, max_concurrency=10
+    )
+    assert res.stop_reason == "num_rounds reached"
+    assert grid.max_pending == 10
+    assert res.counters["updates-applied"] == 300
+    # uniform sampler: 310 jobs over 200 nodes touch most of them, none more than a few times
+    counts = np.bincount(grid.targets, minlength=200)
+    assert (counts > 0).sum() > 120 and counts.max() <= 8
+    # seeded: the same run again draws the same nodes
+    grid2 = CountingGrid(random_client, 200, seed=1, per_pull=3)
+    FedBuff(buffer_size=5).start(
+        grid2, init_arrays(), num_rounds=60, clock=vclock(), poll_interval=0, max_concurrency=10
+    )
+    assert grid2.targets == grid.targets
+
+
+def test_fedavg_timed_over_selection_aggregates_the_first_k():
+    grid = FakeGrid(shift_client, 13, seed=2)
+    res = FedAvgTimed(min_train_nodes=10, fraction_train=0.5, over_selection=1.3).start(
+        grid, init_arrays(), num_rounds=2, clock=vclock(), poll_interval=0
+    )
+    assert res.train_metrics_clientapp[1]["num-updates"] == 10
+    wasted = [r for r in res.updates if r.version_sent == 0 and r.applied_in < 0]
+    assert len(wasted) == 3 and res.counters["jobs-dispatched"] == 13 + 10
+    reasons = {r.reason for r in wasted}
+    assert "fedavg over-selection: not among the first K" in reasons
+    assert reasons <= {"fedavg over-selection: not among the first K", "in flight at the end"}
+    # the first 10 by virtual finish time were aggregated, the 3 latest discarded
+    applied = [r for r in res.updates if r.applied_in == 1]
+    assert max(r.time for r in applied) <= min(r.time for r in wasted)
+
+
+# ---------------------------------------------------------------------- bounded memory
+def delta_client(pid, msg):
+    """Sends its change as a delta (plain arrays flagged with flwr-ext-delta = 1)."""
+    rng = np.random.default_rng([pid, int(msg.content["config"]["server-round"])])
+    arrays = {
+        k: Array(rng.normal(size=v.shape).astype(np.float32))
+        for k, v in msg.content["arrays"].items()
+    }
+    metrics = MetricRecord({"num-examples": 5, "partition-id": pid, DELTA_FLAG: 1})
+    return RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics})
+
+
+def test_delta_replies_keep_one_model_version():
+    one = init_arrays().count_bytes()
+    grid = FakeGrid(delta_client, 30, seed=0, per_pull=2)
+    res = FedBuff(buffer_size=3).start(
+        grid,
+        init_arrays(),
+        num_rounds=40,
+        clock=vclock(),
+        poll_interval=0,
+        replies_are_deltas=True,
+    )
+    assert res.counters["updates-applied"] == 120
+    assert res.counters["mean-staleness"] > 1  # jobs on old versions were in flight ...
+    assert res.counters["peak-version-store-bytes"] <= 2 * one  # ... without their versions
+
+
+def test_full_replies_keep_versions_and_max_staleness_releases_them():
+    def run(max_s):
+        grid = FakeGrid(random_client, 30, seed=0, per_pull=2)
+        st = polynomial(0.5, max_staleness=max_s)
+        return FedBuff(buffer_size=2, staleness=st).start(
+            grid, init_arrays(), num_rounds=60, clock=vclock(), poll_interval=0
+        )
+
+    free, cut = run(None), run(2)
+    one = init_arrays().count_bytes()
+    assert free.counters["peak-version-store-bytes"] > 6 * one
+    assert cut.counters["peak-version-store-bytes"] <= 4 * one
+    assert cut.reasons.get("too stale", 0) > 0  # replies beyond the cut-off: discarded
+
+
+def test_plain_reply_when_deltas_promised_is_rejected():
+    grid = FakeGrid(random_client, 2)
+    res = FedBuff(buffer_size=1).start(
+        grid, init_arrays(), num_rounds=1, clock=vclock(), max_failures=10,
+        replies_are_deltas=True, max_time=5.0,
+    )  # fmt: skip
+    assert res.reasons.get(Reason.NOT_A_DELTA, 0) >= 1 and res.counters["updates-applied"] == 0
+
+
+# ---------------------------------------------------------------------- one reply path
+def compressing_client(pid, msg):
+    """Sends ``+ (pid + 1)`` everywhere as a uniform-quantized delta (a flwr-ext payload)."""
+    sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+    delta = {k: np.full(v.shape, pid + 1.0, np.float32) for k, v in sent.items()}
+    cfg = PipelineConfig(quantize="uniform", bits=8)
+    payloads, _ = encode_update(delta, cfg, reconstruct=False)
+    arrays = ArrayRecord(
+        {
+            k: Array(dtype="float32", shape=tuple(v.shape), stype=cfg.stype, data=payloads[k])
+            for k, v in delta.items()
+        }
+    )
+    metrics = MetricRecord({"num-examples": 10, "partition-id": pid})
+    return RecordDict({"arrays": arrays, "metrics": metrics})
+
+
+def test_compressed_reply_is_one_delta_through_fedbuff():
+    grid = FakeGrid(compressing_client, 2, seed=0)
+    res = FedBuff(buffer_size=2).start(
+        grid, init_arrays(), num_rounds=1, clock=vclock("homogeneous"), poll_interval=0,
+        replies_are_deltas=True,
+    )  # fmt: skip
+    # the mean of deltas 1 and 2, exactly (constant tensors quantize without error)
+    np.testing.assert_array_equal(res.arrays["w"].numpy(), np.full((3, 4), 1.5, np.float32))
+    assert res.counters["peak-version-store-bytes"] <= 2 * init_arrays().count_bytes()
+
+
+def test_compressed_reply_through_fedasync_rebuilds_weights_from_its_base():
+    grid = FakeGrid(compressing_client, 1, seed=0)
+    res = FedAsync(alpha=0.5).start(
+        grid, init_arrays(), num_rounds=2, clock=vclock("homogeneous"), poll_interval=0
+    )
+    # x1 = 0.5 * 0 + 0.5 * (0 + 1) = 0.5; x2 = 0.5 * 0.5 + 0.5 * (0.5 + 1) = 1.0
+    np.testing.assert_allclose(res.arrays["w"].numpy(), 1.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------- sample counts
+@pytest.mark.parametrize("count", [0, "12", None, float("inf"), -3])
+def test_bad_sample_count_is_rejected_with_its_reason(count):
+    def client(pid, msg):
+        rec = shift_client(pid, msg)
+        if pid == 1:
+            m = dict(rec["metrics"])
+            del m["num-examples"]
+            if count is not None:
+                m["num-examples"] = count
+            rec["metrics"] = (
+                MetricRecord(m)
+                if not isinstance(count, str)
+                else MetricRecord({k: v for k, v in m.items() if k != "num-examples"})
+            )
+            if isinstance(count, str):
+                from flwr.app import ConfigRecord
+
+                rec["metrics"] = MetricRecord({k: v for k, v in m.items() if k != "num-examples"})
+                rec["count"] = ConfigRecord({"num-examples": count})
+        return rec
+
+    grid = FakeGrid(client, 3, seed=1)
+    res = FedCompass(q_min=2, q_max=4).start(
+        grid, init_arrays(), num_rounds=6, clock=vclock(), poll_interval=0, max_failures=100
+    )
+    bad = [r for r in res.finished if r.node == 1]
+    assert bad and all(r.reason.startswith(Reason.BAD_COUNT) for r in bad), {r.reason for r in bad}
+    assert res.counters["updates-applied"] >= 1
+
+
+# ---------------------------------------------------------------------- staleness defaults
+def test_hinge_from_run_config_uses_xie_defaults():
+    assert from_run_config({"staleness": "hinge"}) == hinge()
+    assert from_run_config({"staleness": "hinge"}).a == 10.0
+    assert from_run_config({"staleness": "hinge"})(6) == pytest.approx(1 / 21)
+    assert from_run_config({"staleness": "polynomial"}).a == 0.5
+    assert from_run_config({"staleness": "hinge", "staleness-a": 2}).a == 2.0
+    assert math.isclose(from_run_config({})(3), 0.5)
