@@ -64,7 +64,7 @@ class EngineOptions:
         At most this many jobs in flight (0: every idle node gets a job). Nodes are drawn from
         the idle ones by a seeded uniform sampler (Papaya / FedBuff's cross-device set-up).
     sampler_seed : int
-        Seed of that sampler (draws are keyed by the number of jobs dispatched so far).
+        Seed of that sampler (one stream, consumed in event order; saved in checkpoints).
     poll_interval, node_poll_interval : float
         Seconds between ``pull_messages`` / ``get_node_ids`` calls when idle.
     csv_path, ledger_path : str or None

@@ -65,6 +65,7 @@ def snapshot(engine: AsyncEngine) -> dict[str, Any]:
             v: dict(m) for v, m in engine.result.evaluate_metrics_serverapp.items()
         },
         "cost": engine.cost,
+        "sampler": engine.sampler.getstate(),
     }
 
 
@@ -119,6 +120,7 @@ def restore(engine: AsyncEngine, st: dict[str, Any]) -> None:
     engine.timers_seq = int(st["timers_seq"])
     engine.queue.seq = int(st["seq"])
     engine.cost = st["cost"]
+    engine.sampler.setstate(st["sampler"])
     engine.last_checkpoint = engine.version
     engine.wait_for_nodes()
     _rebind_nodes(engine, st["nodes"])

@@ -167,11 +167,13 @@ def test_arrival_just_after_deadline_does_not_orphan_on_time_members() -> None:
     s = _two_member_group()
     assert s.on_arrival("A", 20.0, payload="a1") == []
     acts = s.on_arrival("B", 25.0 + 1e-9, payload="b1")  # no on_deadline call in between
-    # 1) the deadline fires first, at its own time: A alone (version 3), A re-dispatched
+    # 1) the overdue deadline fires first, when it is noticed (now, not its own time 25: A
+    #    is sent off now): A alone (version 3), A re-dispatched
+    now = 25.0 + 1e-9
     assert isinstance(acts[0], Aggregate)
-    assert acts[0].time == 25.0 and acts[0].version == 3 and acts[0].trigger == "deadline"
+    assert acts[0].time == now and acts[0].version == 3 and acts[0].trigger == "deadline"
     assert [c.client for c in acts[0].contributions] == ["A"]
-    assert isinstance(acts[1], Dispatch) and acts[1].client == "A" and acts[1].time == 25.0
+    assert isinstance(acts[1], Dispatch) and acts[1].client == "A" and acts[1].time == now
     # 2) then B is late: buffered and re-dispatched at once with the current model
     assert isinstance(acts[2], Dispatch) and acts[2].client == "B" and acts[2].version == 3
     assert len(acts) == 3
@@ -179,7 +181,7 @@ def test_arrival_just_after_deadline_does_not_orphan_on_time_members() -> None:
     # B's late update is merged into the next aggregation, with its staleness 3 - 2 = 1
     dA, dB = acts[1], acts[2]
     assert dA.group == dB.group  # B (same speed) joined A's new group
-    t_a = 25.0 + dA.local_steps * s.speed["A"]
+    t_a = now + dA.local_steps * s.speed["A"]
     t_b = 25.0 + 1e-9 + dB.local_steps * s.speed["B"]
     first, second = sorted([("A", t_a), ("B", t_b)], key=lambda x: x[1])
     assert s.on_arrival(first[0], first[1], payload="x") == []
