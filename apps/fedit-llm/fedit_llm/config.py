@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flwr_ext.llm.lora import apply_lora, parse_layers
-from flwr_ext.llm.models import load_model_and_tokenizer
+from flwr_ext.llm.models import DeviceConfig, load_model_and_tokenizer
 from flwr_ext.llm.templates import TEMPLATES
 from flwr_ext.llm.train import SCHEDULES
 
@@ -117,6 +117,12 @@ def validate(run_config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"compression must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg["compression"] = preset
     flora_ranks(cfg)
+    try:  # optional keys; CUDA itself is checked where the model is loaded (maybe a GPU node)
+        placement = DeviceConfig.from_run_config(cfg)
+    except ValueError as exc:
+        raise ValueError(f"device/dtype/quantization run-config keys: {exc}") from None
+    if placement.quantized and cfg["aggregation"] == "flora":
+        raise ValueError("aggregation flora merges into the base weights: use quantization none")
     try:  # syntax only here; build_model checks the indices against the model's layers
         parse_layers(str(cfg.get("lora-layers", "") or ""), num_layers=1 << 30)
     except ValueError as exc:
@@ -143,10 +149,14 @@ def validate(run_config: Mapping[str, Any]) -> dict[str, Any]:
 def build_model(cfg: Mapping[str, Any], rank: int | None = None):
     """Base model + tokenizer + LoRA adapter as the config says (FFA freezes ``lora_A``).
 
-    The base is loaded (onto the CPU) before ``get_peft_model``; nothing moves it afterwards, which
-    is the order Opacus needs (issue 820).
+    The base is loaded onto its device (run-config keys ``device``, ``dtype``, ``quantization``,
+    ``gradient-checkpointing``: :class:`~flwr_ext.llm.models.DeviceConfig`) before
+    ``get_peft_model``; nothing moves it afterwards, which is the order Opacus needs (issue 820).
     """
-    model, tok = load_model_and_tokenizer(str(cfg["model"]), seed=int(cfg["model-seed"]))
+    placement = DeviceConfig.from_run_config(cfg)
+    model, tok = load_model_and_tokenizer(
+        str(cfg["model"]), seed=int(cfg["model-seed"]), placement=placement
+    )
     r = int(cfg["lora-r"]) if rank is None else rank
     peft_model = apply_lora(
         model,
