@@ -34,6 +34,8 @@ would measure this backend's serial execution, not the federation.
 from __future__ import annotations
 
 import copy
+import csv
+import json
 import random
 import sys
 import time
@@ -42,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import ERROR
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
@@ -322,3 +325,77 @@ def run_inline(
     )
     server_app(grid=grid, context=context)
     return grid
+
+
+#: Columns of the per-update CSV (``AsyncResult.write_csv``) that differ between two runs of the
+#: same seeded configuration by nature: ``wall_time`` (wall clock), ``node_id`` (drawn at random
+#: per run, by the Simulation Engine and by this backend) and ``msg_id`` (a random UUID per
+#: message). Every other column (virtual time, node key, job, versions, staleness, acceptance and
+#: reason, examples, steps, duration, bytes) is equal between the inline backend and the
+#: Simulation Engine.
+RANDOM_COLUMNS = ("wall_time", "node_id", "msg_id")
+#: The wall-clock entry of the result JSON's metric records (``<name>.json``).
+WALL_METRICS = ("wall-time",)
+
+
+#: ``reason`` of the rows of replies handled after the run ended (``drain-timeout``). The engine
+#: handles them in the order they are pulled, which in the Simulation Engine is the order Ray
+#: returns them in, and stamps each with ``max(clock now, its finish time)``; so these rows are
+#: compared as a set, sorted by ``(node, job)``, without the order-dependent ``time``,
+#: ``duration`` and cumulative byte counts.
+AFTER_END = "reply after the run ended"
+_ORDER_DEPENDENT = ("time", "duration", "uplink_cumulative", "downlink_cumulative")
+
+
+def _read_rows(path: Path, drop: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        rows = [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(fh)]
+    during = [r for r in rows if r.get("reason") != AFTER_END]
+    after = [
+        {k: v for k, v in r.items() if k not in _ORDER_DEPENDENT}
+        for r in rows
+        if r.get("reason") == AFTER_END
+    ]
+    return during + sorted(after, key=lambda r: (int(r["node"]), int(r["job"])))
+
+
+def comparable_records(out_dir: str | Path, name: str) -> dict[str, Any]:
+    """What two runs of one seeded configuration must share, from the files the apps write.
+
+    ``updates``: the rows of ``<name>-updates.csv`` without :data:`RANDOM_COLUMNS`;
+    ``bytes``: the rows of ``<name>-bytes.csv`` (if written); ``metrics``: ``<name>.json``
+    without :data:`WALL_METRICS`. Rows of replies handled after the end (:data:`AFTER_END`) come
+    last, sorted by ``(node, job)``.
+    """
+    out = Path(out_dir)
+    rec: dict[str, Any] = {"updates": _read_rows(out / f"{name}-updates.csv", RANDOM_COLUMNS)}
+    if (out / f"{name}-bytes.csv").is_file():
+        rec["bytes"] = _read_rows(out / f"{name}-bytes.csv")
+    metrics = json.loads((out / f"{name}.json").read_text())
+    rec["metrics"] = {
+        section: {v: {k: x for k, x in m.items() if k not in WALL_METRICS} for v, m in per.items()}
+        for section, per in metrics.items()
+    }
+    return rec
+
+
+def compare_runs(dir_a: str | Path, dir_b: str | Path, name: str) -> list[str]:
+    """Differences between two runs' records of strategy ``name`` (empty: identical).
+
+    See :func:`comparable_records` for what is compared.
+    """
+    a, b = comparable_records(dir_a, name), comparable_records(dir_b, name)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        ra, rb = a.get(key), b.get(key)
+        if ra == rb:
+            continue
+        if isinstance(ra, list) and isinstance(rb, list):
+            if len(ra) != len(rb):
+                diffs.append(f"{name} {key}: {len(ra)} rows vs {len(rb)}")
+                continue
+            i = next(i for i, (x, y) in enumerate(zip(ra, rb, strict=True)) if x != y)
+            diffs.append(f"{name} {key} row {i}: {ra[i]} vs {rb[i]}")
+        else:
+            diffs.append(f"{name} {key} differ")
+    return diffs
