@@ -11,7 +11,12 @@ from pathlib import Path
 def _cmd_demo(args: argparse.Namespace) -> int:
     from flwr_ext.demo import run_demo
 
-    run_demo(out_dir=Path(args.out), quick=args.quick)
+    run_demo(
+        out_dir=Path(args.out),
+        quick=args.quick,
+        backend=args.backend,
+        check_engine=not args.no_engine_check,
+    )
     return 0
 
 
@@ -56,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="outputs/demo", help="directory for CSV, JSON and PNG")
     demo.add_argument("--quick", action="store_true", help="fewer clients and updates")
+    demo.add_argument(
+        "--backend",
+        choices=["inline", "simulation"],
+        default="inline",
+        help="inline (default: virtual clock in one process, results identical to the "
+        "Simulation Engine) or simulation (Flower's Simulation Engine, Ray)",
+    )
+    demo.add_argument(
+        "--no-engine-check",
+        action="store_true",
+        help="skip the short real Simulation Engine run that checks inline against it",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     bench = sub.add_parser("bench", help="run the benchmarks under bench/ (ratios, one run)")
