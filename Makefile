@@ -59,6 +59,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # `flwr run` starts a local SuperLink in the background and leaves it running for the
-# next run; this stops it.
-stop-superlink:
-	-pkill -f "flower-superlink.*--simulation"
+# next run (Flower 1.42 has no stop command); this stops only the one of this user's
+# FLWR_HOME (found by its --log-file <FLWR_HOME>/local-superlink/superlink.log), by PID.
+stop-superlink: $(STAMP)
+	$(BIN)/flwr-ext stop-superlink
