@@ -152,3 +152,11 @@ def test_async_vision_builds_every_listed_strategy_first() -> None:
     }
     with pytest.raises(SettingError, match="compass-q-max = 10"):
         _entry_points("async-vision")["server"](_context(cfg))
+
+
+@pytest.mark.parametrize("app", ["async-vision", "fedit-llm"])
+def test_async_defaults_fit_the_default_local_connection(app: str) -> None:
+    """Flower's built-in ``local`` connection simulates 2 SuperNodes (since flwr 1.32)."""
+    cfg = fused_run_config(APPS[app])
+    assert cfg["buffer-size"] <= 2, "FedBuff would wait for a buffer two nodes fill slowly"
+    assert cfg["min-train-nodes"] <= 2
