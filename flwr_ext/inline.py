@@ -359,12 +359,15 @@ def _read_rows(path: Path, drop: tuple[str, ...] = ()) -> list[dict[str, str]]:
     return during + sorted(after, key=lambda r: (int(r["node"]), int(r["job"])))
 
 
-def comparable_records(out_dir: str | Path, name: str) -> dict[str, Any]:
+def comparable_records(
+    out_dir: str | Path, name: str, wall_metrics: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """What two runs of one seeded configuration must share, from the files the apps write.
 
     ``updates``: the rows of ``<name>-updates.csv`` without :data:`RANDOM_COLUMNS`;
     ``bytes``: the rows of ``<name>-bytes.csv`` (if written); ``metrics``: ``<name>.json``
-    without :data:`WALL_METRICS`. Rows of replies handled after the end (:data:`AFTER_END`) come
+    without :data:`WALL_METRICS` and ``wall_metrics`` (wall-clock metrics of the app's own, e.g. a
+    client's measured training time). Rows of replies handled after the end (:data:`AFTER_END`) come
     last, sorted by ``(node, job)``.
     """
     out = Path(out_dir)
@@ -373,18 +376,24 @@ def comparable_records(out_dir: str | Path, name: str) -> dict[str, Any]:
         rec["bytes"] = _read_rows(out / f"{name}-bytes.csv")
     metrics = json.loads((out / f"{name}.json").read_text())
     rec["metrics"] = {
-        section: {v: {k: x for k, x in m.items() if k not in WALL_METRICS} for v, m in per.items()}
+        section: {
+            v: {k: x for k, x in m.items() if k not in WALL_METRICS + wall_metrics}
+            for v, m in per.items()
+        }
         for section, per in metrics.items()
     }
     return rec
 
 
-def compare_runs(dir_a: str | Path, dir_b: str | Path, name: str) -> list[str]:
+def compare_runs(
+    dir_a: str | Path, dir_b: str | Path, name: str, wall_metrics: tuple[str, ...] = ()
+) -> list[str]:
     """Differences between two runs' records of strategy ``name`` (empty: identical).
 
     See :func:`comparable_records` for what is compared.
     """
-    a, b = comparable_records(dir_a, name), comparable_records(dir_b, name)
+    a = comparable_records(dir_a, name, wall_metrics)
+    b = comparable_records(dir_b, name, wall_metrics)
     diffs = []
     for key in sorted(set(a) | set(b)):
         ra, rb = a.get(key), b.get(key)
