@@ -1,4 +1,4 @@
-"""The ``flwr-ext`` command: ``demo``, ``bench``, ``report`` and ``stop-superlink``."""
+"""The ``flwr-ext`` command: ``demo``, ``bench``, ``report``, ``run`` and ``stop-superlink``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -214,6 +215,62 @@ def _cmd_stop_superlink(args: argparse.Namespace) -> int:
     return 0
 
 
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+
+
+def run_status(run_id: int, connection: str | None = None) -> tuple[str, str]:
+    """``(status, details)`` of a run from ``flwr ls --run-id <id> --format json``."""
+    import subprocess
+
+    cmd = [_flwr(), "ls", *([connection] if connection else []), "--run-id", str(run_id)]
+    proc = subprocess.run([*cmd, "--format", "json"], capture_output=True, text=True)
+    out = proc.stdout
+    try:
+        data = json.loads(out[out.index("{") :])
+        row = data["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        return "unknown", (out + proc.stderr).strip()[-500:]
+    return str(row.get("status", "unknown")), str(row.get("status-details", ""))
+
+
+def _flwr() -> str:
+    exe = Path(sys.executable).parent / "flwr"
+    return str(exe) if exe.exists() else "flwr"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """``flwr run <app> [connection] ... --stream``, then exit non-zero unless it completed."""
+    import subprocess
+
+    extra = list(args.flwr_args)
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    connection = extra[0] if extra and not extra[0].startswith("-") else None
+    cmd = [_flwr(), "run", args.app, *extra]
+    if "--stream" not in cmd:
+        cmd.append("--stream")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_id = None
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        m = _RUN_ID.search(line)
+        if m and run_id is None:
+            run_id = int(m.group(1))
+    rc = proc.wait()
+    if rc != 0:
+        return rc
+    if run_id is None:
+        print("flwr-ext run: flwr run did not report a run id", file=sys.stderr)
+        return 1
+    status, details = run_status(run_id, connection)
+    if status != "finished:completed":
+        print(f"flwr-ext run: run {run_id} ended {status}: {details}", file=sys.stderr)
+        return 1
+    print(f"flwr-ext run: run {run_id} {status}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``flwr-ext``."""
     parser = argparse.ArgumentParser(
@@ -258,6 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("results", nargs="+", help="result JSON files")
     report.set_defaults(func=_cmd_report)
+
+    run = sub.add_parser(
+        "run",
+        help="flwr run --stream, then exit 1 unless the run finished:completed",
+        description="Flower 1.42's `flwr run` exits 0 once a run is submitted, even when the "
+        "ServerApp then raises. This runs `flwr run <app> <args> --stream`, then reads the run's "
+        "status with `flwr ls --run-id <id>` and exits 1 unless it is finished:completed.",
+    )
+    run.add_argument("app", help="the Flower app directory (e.g. apps/async-vision)")
+    run.add_argument(
+        "flwr_args", nargs=argparse.REMAINDER, help="passed to flwr run (connection, options)"
+    )
+    run.set_defaults(func=_cmd_run)
 
     stop = sub.add_parser(
         "stop-superlink",
