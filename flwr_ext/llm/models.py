@@ -383,8 +383,8 @@ def load_causal_lm(
         a ``.gguf`` file (dequantized by transformers), a local ``save_pretrained`` directory, or a
         Hugging Face hub id (downloads unless ``HF_HUB_OFFLINE=1``).
     dtype : torch.dtype
-        Weight dtype (fp32 by default: CPU training); the compute dtype of 4-bit layers when it
-        is bf16 or fp16 (bf16 otherwise).
+        Weight dtype of the unquantized parts (fp32 by default: CPU training), and the compute
+        dtype of 4-bit layers (pass bf16 for QLoRA's recipe; ``DeviceConfig`` does on GPUs).
     quantization : {None, "none", "4bit", "8bit"}
         bitsandbytes loading for QLoRA (Dettmers et al. 2023), quantized on load from the
         (dequantized, cached) weights. Needs CUDA; raises ``RuntimeError`` on CPU-only machines.
@@ -396,8 +396,7 @@ def load_causal_lm(
     **kwargs
         Forwarded to ``AutoModelForCausalLM.from_pretrained``.
     """
-    half = dtype in (torch.bfloat16, torch.float16)
-    qconfig = quantization_config(quantization, compute_dtype=dtype if half else torch.bfloat16)
+    qconfig = quantization_config(quantization, compute_dtype=dtype)
     target = resolve_device(device) if device is not None else None
     path, gguf_file = resolve_source(source)
     if qconfig is not None:
