@@ -40,7 +40,12 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .accounting import AccountantState, PrivacyBudgetExhausted, calibrate_noise
+from .accounting import (
+    OPACUS_ACCOUNTANTS,
+    AccountantState,
+    PrivacyBudgetExhausted,
+    calibrate_noise,
+)
 
 ADAPTER_MARKERS = ("lora_", "modules_to_save")
 """Substrings of parameter names that count as adapter parameters."""
@@ -92,9 +97,10 @@ class DPConfig:
         Target delta; keep it below ``1 / num_examples``.
     max_grad_norm : float
         Per-sample clipping norm C.
-    accountant : {"rdp", "prv"}
-        Accountant that calibrates and reports. ``"rdp"`` (default here) is the conservative one;
-        Opacus' own default is ``"prv"``.
+    accountant : {"rdp", "prv", "pld"}
+        Accountant that calibrates and reports. ``"rdp"`` (default here) is the loosest upper
+        bound; ``"prv"`` (Opacus' own default) and ``"pld"`` (Google's dp-accounting) are
+        tighter, so the same budget buys less noise (see :mod:`flwr_ext.privacy.accounting`).
     max_physical_batch_size : int or None
         Split each Poisson-sampled logical batch into physical batches of at most this size
         (Opacus ``BatchMemoryManager``); ``None`` keeps whole logical batches.
@@ -337,7 +343,12 @@ class DPLoRAEngine:
             noise, self.seeded = noise_generator, True
         # Opacus' DPDataLoader samples with the loader's generator when secure_mode is off
         data_loader.generator = sampling
-        engine = PrivacyEngine(accountant=self.state.accountant)
+        # Opacus keeps the history (the same triples for every accountant); the epsilon itself
+        # is always computed by compute_epsilon with the configured accountant
+        bookkeeping = (
+            self.state.accountant if self.state.accountant in OPACUS_ACCOUNTANTS else "rdp"
+        )
+        engine = PrivacyEngine(accountant=bookkeeping)
         engine.accountant.history = list(self.state.history)
         dp_module, dp_optimizer, dp_loader = engine.make_private(
             module=module,
