@@ -307,19 +307,24 @@ def _fill(dst: np.ndarray, values, step: int | None = None) -> None:
             dst[s:e] = values(s, e)
 
 
-def _scatter_in_place(out: np.ndarray, idx: np.ndarray) -> None:
+def _scatter_in_place(out: np.ndarray, idx: np.ndarray | entropy.IndexChunks) -> None:
     """Move ``out[j]`` to ``out[idx[j]]`` for ``j < len(idx)`` and zero every other position.
 
     ``idx`` is strictly increasing, so ``idx[j] >= j``: walking back from the end, a chunk's
     destinations never hold a value that is still to be moved, and the chunk's own slots are
-    no earlier chunk's destination. ``out[len(idx):]`` must be zero on entry.
+    no earlier chunk's destination. ``out[len(idx):]`` must be zero on entry. Positions of a
+    gap stream (:class:`~flwr_ext.compression.entropy.IndexChunks`) are rebuilt chunk by chunk.
     """
-    k = idx.size
-    for e in range(k, 0, -entropy.CHUNK):
-        s = max(0, e - entropy.CHUNK)
+    if isinstance(idx, entropy.IndexChunks):
+        chunks = (idx.chunk(c) for c in reversed(range(idx.num_chunks)))
+    else:
+        step = entropy.CHUNK
+        chunks = ((s, idx[s : s + step]) for s in reversed(range(0, idx.size, step)))
+    for s, pos in chunks:
+        e = s + pos.size
         vals = out[s:e].copy()
         out[s:e] = 0
-        out[idx[s:e]] = vals
+        out[pos] = vals
 
 
 def decode_tensor(
@@ -414,7 +419,10 @@ def decode_tensor(
         k = numel
     elif sp == _SP_INDICES:
         k = r.varint(numel, "kept count")
-        idx = entropy.decode_indices(r, k, numel)
+        # a small selection keeps its positions (8 bytes each, fast); a large one only its gaps
+        # (one byte each), its positions rebuilt chunk by chunk while scattering
+        small = 8 * k <= numel * np.dtype(dtype).itemsize // 4
+        idx = (entropy.decode_indices if small else entropy.decode_index_chunks)(r, k, numel)
     elif sp == _SP_RANDOMK:
         k = r.varint(numel, "kept count")
         seed = r.varint((1 << 64) - 1, "seed")
@@ -425,8 +433,14 @@ def decode_tensor(
         raise CorruptPayloadError("sparse payload for a non-float tensor")
 
     def alloc() -> tuple[np.ndarray, np.ndarray]:
-        # dense: every slot is written; sparse: zeros (calloc) and the kept values in front
-        out = np.empty(numel, dtype=dtype) if idx is None else np.zeros(numel, dtype=dtype)
+        # dense: every slot is written; a small selection: its own values array, scattered at
+        # the end; a large one: zeros (calloc) with the kept values in front, moved in place
+        if idx is None:
+            out = np.empty(numel, dtype=dtype)
+            return out, out
+        if isinstance(idx, np.ndarray):
+            return np.zeros(numel, dtype=dtype), np.empty(k, dtype=dtype)
+        out = np.zeros(numel, dtype=dtype)
         return out, out[:k]
 
     q = r.u8()
@@ -474,7 +488,9 @@ def decode_tensor(
 
     if not allow_nonfinite:
         _finite(dst, "value")
-    if idx is not None:
+    if isinstance(idx, np.ndarray):
+        out[idx] = dst
+    elif idx is not None:
         _scatter_in_place(out, idx)
     return out.reshape(shape)
 

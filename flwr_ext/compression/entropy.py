@@ -224,40 +224,102 @@ def _gap_fields(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return big, t, nb
 
 
-def decode_indices(r: Reader, k: int, numel: int) -> np.ndarray:
-    """Read ``k`` strictly increasing positions, each checked to be ``< numel``.
-
-    Positions come back as int32 when ``numel <= 2**31`` (always, under the codec's hard
-    limit), int64 otherwise; gaps are turned into positions ``CHUNK`` at a time, so the
-    temporaries stay small whatever ``k`` is.
-    """
-    sym = decode_symbols(r, k, max_gap_symbol(numel) + 1)
-    out_dtype = np.int32 if numel <= 1 << 31 else np.int64
-    if k == 0:
-        return np.zeros(0, dtype=out_dtype)
-    m = GAP_MANTISSA_BITS
-    total_bits = 0
-    for s in range(0, k, CHUNK):
+def _chunk_bits(sym: np.ndarray) -> tuple[list[int], int]:
+    """Bit offset of each chunk's extra bits, and their total; rejects gap symbol 0."""
+    bits: list[int] = []
+    total = 0
+    for s in range(0, sym.size, CHUNK):
         c = sym[s : s + CHUNK].astype(np.int64)
         if np.any(c == 0):
             raise CorruptPayloadError("gap symbol 0 is invalid")
-        total_bits += int(_gap_fields(c)[2].sum())
+        bits.append(total)
+        total += int(_gap_fields(c)[2].sum())
+    return bits, total
+
+
+class IndexChunks:
+    """Sparse positions read from a gap stream, produced ``CHUNK`` at a time on demand.
+
+    Reading (:func:`decode_index_chunks`) checks every gap and the last position and records
+    where each chunk starts (bit offset, first position), so :meth:`chunk` can rebuild the
+    positions of any chunk in any order; only the gap symbols (one byte each) stay in memory.
+    """
+
+    def __init__(self, sym: np.ndarray, extra: bytes, bits: list[int], starts: list[int]) -> None:
+        self._sym, self._extra, self._bits, self._starts = sym, extra, bits, starts
+        self.size = int(sym.size)
+        self.dtype = np.dtype(np.int64)
+
+    @property
+    def num_chunks(self) -> int:
+        """Number of chunks (``ceil(size / CHUNK)``)."""
+        return len(self._starts)
+
+    def _gaps(self, c: int) -> np.ndarray:
+        m = GAP_MANTISSA_BITS
+        sym = self._sym[c * CHUNK : (c + 1) * CHUNK].astype(np.int64)
+        big, t, nb = _gap_fields(sym)
+        extra = _unpack_bits(self._extra, nb, self._bits[c])
+        return np.where(big, (((1 << m) + t % (1 << m)) << nb) | extra, sym)
+
+    def chunk(self, c: int) -> tuple[int, np.ndarray]:
+        """``(first index, positions)`` of chunk ``c``."""
+        pos = np.cumsum(self._gaps(c))
+        pos += self._starts[c] - 1
+        return c * CHUNK, pos
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.size, dtype=dtype or np.int64)
+        for c in range(self.num_chunks):
+            s, pos = self.chunk(c)
+            out[s : s + pos.size] = pos
+        return out
+
+
+def decode_index_chunks(r: Reader, k: int, numel: int) -> IndexChunks:
+    """Read ``k`` strictly increasing positions ``< numel`` without materialising them.
+
+    Every gap is checked (and the last position against ``numel``) before this returns, so a
+    payload that lies about its positions is rejected here, before any value is decoded.
+    """
+    sym = decode_symbols(r, k, max_gap_symbol(numel) + 1)
+    bits, total_bits = _chunk_bits(sym)
     extra_bytes = r.raw((total_bits + 7) // 8)
-    idx = np.empty(k, dtype=out_dtype)
-    last, bit = -1, 0
-    for s in range(0, k, CHUNK):
-        c = sym[s : s + CHUNK].astype(np.int64)
-        big, t, nb = _gap_fields(c)
-        extra = _unpack_bits(extra_bytes, nb, bit)
-        bit += int(nb.sum())
-        v = np.where(big, (((1 << m) + t % (1 << m)) << nb) | extra, c)
+    chunks = IndexChunks(sym, extra_bytes, bits, [])
+    first = 0  # = previous position + 1
+    for c in range(len(bits)):
+        v = chunks._gaps(c)
+        if int(v.max()) > numel:
+            raise CorruptPayloadError("sparse index gap beyond the tensor size")
+        chunks._starts.append(first)
+        first += int(v.sum())  # sums of gaps <= k * numel < 2**63 (numel <= 2**31)
+        if first - 1 >= numel:
+            raise CorruptPayloadError("sparse index beyond the tensor size")
+    return chunks
+
+
+def decode_indices(r: Reader, k: int, numel: int) -> np.ndarray:
+    """Read ``k`` strictly increasing positions, each checked to be ``< numel`` (int64).
+
+    The positions are materialised (``8 k`` bytes) in one pass over the gaps; for selections
+    that are a large part of the tensor, :func:`decode_index_chunks` keeps only the gaps.
+    """
+    sym = decode_symbols(r, k, max_gap_symbol(numel) + 1)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    bits, total_bits = _chunk_bits(sym)
+    chunks = IndexChunks(sym, r.raw((total_bits + 7) // 8), bits, [])
+    idx = np.empty(k, dtype=np.int64)
+    last = -1
+    for c in range(len(bits)):
+        v = chunks._gaps(c)
         if int(v.max()) > numel:
             raise CorruptPayloadError("sparse index gap beyond the tensor size")
         pos = np.cumsum(v)  # chunk * numel < 2**63 because numel <= MAX_ELEMENTS_HARD
         pos += last
         if pos[-1] >= numel:
             raise CorruptPayloadError("sparse index beyond the tensor size")
-        idx[s : s + pos.size] = pos
+        idx[c * CHUNK : c * CHUNK + pos.size] = pos
         last = int(pos[-1])
     return idx
 
