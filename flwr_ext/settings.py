@@ -40,6 +40,7 @@ Check = Callable[[Any], None]
 Rule = Callable[[dict[str, Any]], None]
 
 _KINDS = ("int", "float", "bool", "str", "choice", "choices", "any")
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 class SettingError(ValueError):
@@ -270,7 +271,8 @@ def validate(
     for rule in rules:
         rule(cfg)
     unknown = sorted(k for k in cfg if k not in table)
-    if unknown:
+    if unknown and (app, tuple(unknown)) not in _WARNED:  # once per process, not per message
+        _WARNED.add((app, tuple(unknown)))
         hints = []
         for k in unknown:
             near = difflib.get_close_matches(k, list(table), n=1, cutoff=0.8)

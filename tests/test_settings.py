@@ -77,9 +77,13 @@ def test_errors_name_key_value_and_rule(setting, value, allowed) -> None:
 def test_validate_converts_keeps_unknown_and_warns_with_a_hint(caplog) -> None:
     rules = (integer("num-server-rounds", low=1), number("learning-rate", low=0, low_open=True))
     with caplog.at_level(logging.WARNING, logger="flwr"):
-        cfg = validate({"num-server-rounds": 3.0, "lerning-rate": 0.1}, rules, app="demo")
+        cfg = validate({"num-server-rounds": 3.0, "lerning-rate": 0.1}, rules, app="test-warn")
     assert cfg == {"num-server-rounds": 3, "lerning-rate": 0.1}
     assert "lerning-rate (did you mean learning-rate?)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        validate({"num-server-rounds": 3, "lerning-rate": 0.1}, rules, app="test-warn")
+    assert "lerning-rate" not in caplog.text  # once per process, not once per message
 
 
 def test_validate_required_and_rules() -> None:
