@@ -21,6 +21,7 @@ from async_vision.settings import validate
 from flwr_ext.asyncfl import AsyncResult, AsyncStrategy
 from flwr_ext.compression import Compressed, get_preset
 from flwr_ext.compression.accounting import write_update_bytes
+from flwr_ext.compression.hints import explain_missing_decoder
 from flwr_ext.results import save_result
 from flwr_ext.strategies import build_strategy
 from flwr_ext.strategies.factory import build_start_kwargs
@@ -79,15 +80,16 @@ def _run_strategy(grid: Grid, cfg: dict, strategy, start_kwargs: dict, evaluate_
     train_config = ConfigRecord({"lr": float(cfg.get("learning-rate", 0.05))})
     if int(cfg.get("local-steps", 0)) > 0:
         train_config["local-steps"] = int(cfg["local-steps"])
-    return strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(DigitsCNN().state_dict()),
-        num_rounds=int(cfg.get("num-server-rounds", 5)),
-        timeout=float(cfg.get("timeout", 3600)),
-        train_config=train_config,
-        evaluate_fn=evaluate_fn,
-        **start_kwargs,
-    )
+    with explain_missing_decoder():  # a Flower strategy meeting compressed replies says why
+        return strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(DigitsCNN().state_dict()),
+            num_rounds=int(cfg.get("num-server-rounds", 5)),
+            timeout=float(cfg.get("timeout", 3600)),
+            train_config=train_config,
+            evaluate_fn=evaluate_fn,
+            **start_kwargs,
+        )
 
 
 def _save(result, out: Path, name: str) -> None:
