@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export RAY_DEDUP_LOGS := 0
 
-.PHONY: setup demo test test-slow bench lint format clean stop-superlink
+.PHONY: setup demo test test-slow bench lint format clean stop-superlink mutate
 
 $(STAMP): pyproject.toml apps/*/pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -38,6 +38,19 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/flwr-ext bench
 
+# Mutation testing (mutmut; scope and tests in pyproject.toml [tool.mutmut]; docs/testing.md).
+# Not part of `make test`. Runs in a scratch copy of HEAD (what a clean clone has), with one
+# worker; the run is stopped after MUTATE_TIMEOUT seconds and its results so far are reported.
+MUTATE_DIR ?= build/mutate
+MUTATE_TIMEOUT ?= 3600
+mutate: $(STAMP)
+	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)
+	git archive HEAD | tar -x -C $(MUTATE_DIR)
+	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 timeout $(MUTATE_TIMEOUT) \
+		$(CURDIR)/$(BIN)/mutmut run --max-children 1 || test $$? -eq 124
+	cd $(MUTATE_DIR) && $(CURDIR)/$(BIN)/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+	cd $(MUTATE_DIR) && $(CURDIR)/$(BIN)/mutmut results
+
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
@@ -46,6 +59,7 @@ clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
 # `flwr run` starts a local SuperLink in the background and leaves it running for the
-# next run; this stops it.
-stop-superlink:
-	-pkill -f "flower-superlink.*--simulation"
+# next run (Flower 1.42 has no stop command); this stops only the one of this user's
+# FLWR_HOME (found by its --log-file <FLWR_HOME>/local-superlink/superlink.log), by PID.
+stop-superlink: $(STAMP)
+	$(BIN)/flwr-ext stop-superlink

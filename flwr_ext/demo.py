@@ -2,11 +2,19 @@
 
 Digits (embedded, 8x8), 20 SuperNodes, Dirichlet(0.5) label skew, exponential per-step
 compute times (``flwr_ext.asyncfl.profiles``). FedAvg (time-accounted), FedAsync, FedBuff and
-FedCompass run the packaged ``apps/async-vision`` app in ONE real Flower Simulation Engine run
-(Ray): the ServerApp runs the strategies one after the other on the same SuperNodes, each from
-the same initial model with a fresh virtual clock and the same virtual-time budget. Results come
-from the files the ServerApp writes: a table (time to the target accuracy, final accuracy,
-mean staleness, updates applied) and a PNG of accuracy against virtual time.
+FedCompass run the packaged ``apps/async-vision`` app (loaded from its folder by its
+``[tool.flwr.app.components]``, with Flower's own loader) in ONE run: the ServerApp runs the
+strategies one after the other on the same SuperNodes, each from the same initial model with a
+fresh virtual clock and the same virtual-time budget. Results come from the files the ServerApp
+writes: a table (time to the target accuracy, final accuracy, mean staleness, updates applied)
+and a PNG of accuracy against virtual time.
+
+The comparison runs on the inline backend by default (:mod:`flwr_ext.inline`: the same ClientApp
+and ServerApp in this process, no Ray; the clock is virtual, so the results are those of Flower's
+Simulation Engine, bit for bit). Then one short real Simulation Engine run (Ray) of the four
+strategies checks that promise on this machine: the same short configuration runs on both
+backends and their per-update records must be identical (wall-clock columns and the random node /
+message ids aside, :data:`flwr_ext.inline.RANDOM_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -19,9 +27,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from flwr_ext.inline import compare_runs
 from flwr_ext.results import load_result
-from flwr_ext.sim import fused_run_config, run_app
+from flwr_ext.sim import fused_run_config, load_components, run_app
 
+#: The packaged app the demo runs (a source checkout's ``apps/async-vision``; the wheel does not
+#: ship apps, and the library never imports one: it is loaded from this folder).
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "async-vision"
 
 LABELS = {
@@ -122,8 +133,52 @@ def plot(rows: list[dict[str, Any]], target: float, path: Path, title: str) -> P
     return path
 
 
-def run_demo(out_dir: Path, quick: bool = False) -> dict[str, dict]:
-    """Run the comparison in one Flower simulation, print the table, save CSV/JSON/PNG.
+def app_components() -> tuple:
+    """``apps/async-vision``'s ServerApp and ClientApp, loaded from :data:`APP_DIR`."""
+    if not (APP_DIR / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"the demo runs the packaged app in {APP_DIR}, which is not there: run it from a "
+            "source checkout of flwr-ext (the wheel does not ship the apps)"
+        )
+    return load_components(APP_DIR)
+
+
+def engine_check(out_dir: Path, names: list[str]) -> float:
+    """One short real Simulation Engine run and the same run inline; their records must agree.
+
+    Returns the Simulation Engine run's wall seconds. Raises ``AssertionError`` naming the first
+    difference. ``drain-timeout`` lets every job end before the next strategy starts, so jobs a
+    strategy left in flight never race the next strategy's first job for a node's Context in
+    the Simulation Engine (see ``docs/simulation.md``).
+    """
+    server_app, client_app = app_components()
+    num_nodes, overrides, _ = demo_config(quick=True)
+    overrides = {**overrides, "max-time": 3.0, "drain-timeout": 120.0}
+    walls = {}
+    for backend in ("simulation", "inline"):
+        out = out_dir / f"engine-check-{backend}"
+        cfg = fused_run_config(
+            APP_DIR, {**overrides, "strategy": ",".join(names), "output-dir": str(out)}
+        )
+        t0 = time.time()
+        run_app(server_app, client_app, num_supernodes=num_nodes, run_config=cfg, backend=backend)
+        walls[backend] = time.time() - t0
+    diffs = [
+        d
+        for name in names
+        for d in compare_runs(
+            out_dir / "engine-check-simulation", out_dir / "engine-check-inline", name
+        )
+    ]
+    if diffs:
+        raise AssertionError("inline and Simulation Engine runs differ: " + "; ".join(diffs[:3]))
+    return walls["simulation"]
+
+
+def run_demo(
+    out_dir: Path, quick: bool = False, backend: str = "inline", check_engine: bool = True
+) -> dict[str, dict]:
+    """Run the comparison in one run, print the table, save CSV/JSON/PNG.
 
     Parameters
     ----------
@@ -132,10 +187,13 @@ def run_demo(out_dir: Path, quick: bool = False) -> dict[str, dict]:
         ``accuracy_vs_time.png``).
     quick : bool
         4 SuperNodes and a short time budget (smoke test).
+    backend : str
+        ``"inline"`` (default; virtual clock, no Ray) or ``"simulation"`` (Flower's Simulation
+        Engine) for the comparison.
+    check_engine : bool
+        Also run :func:`engine_check` (one short real Simulation Engine run).
     """
-    from async_vision.client_app import app as client_app
-    from async_vision.server_app import app as server_app
-
+    server_app, client_app = app_components()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     console = Console(width=120)
@@ -146,16 +204,16 @@ def run_demo(out_dir: Path, quick: bool = False) -> dict[str, dict]:
     )
     console.rule(
         f"{', '.join(names)}: {num_nodes} SuperNodes, exponential profile, "
-        f"{cfg['max-time']:.0f} s of virtual time each"
+        f"{cfg['max-time']:.0f} s of virtual time each, {backend} backend"
     )
     t0 = time.time()
-    run_app(server_app, client_app, num_supernodes=num_nodes, run_config=cfg)
+    run_app(server_app, client_app, num_supernodes=num_nodes, run_config=cfg, backend=backend)
     wall = time.time() - t0
     rows = [summarize(out_dir, name, target) for name in names]
 
     table = Table(
         title=f"flwr-ext demo: digits, {num_nodes} clients, Dirichlet 0.5, exponential speeds "
-        f"(one simulation, {wall:.0f} s wall)"
+        f"(one run, {backend} backend, {wall:.0f} s wall)"
     )
     for col in (
         "strategy",
@@ -181,8 +239,15 @@ def run_demo(out_dir: Path, quick: bool = False) -> dict[str, dict]:
     console.print(table)
     png = plot(rows, target, out_dir / "accuracy_vs_time.png", "digits, exponential speeds")
     summary = {r["strategy"]: {k: v for k, v in r.items() if k != "curve"} for r in rows}
-    (out_dir / "summary.json").write_text(
-        json.dumps({"wall_s": wall, "target": target, "rows": summary}, indent=1)
-    )
+    info: dict[str, Any] = {"wall_s": wall, "backend": backend, "target": target, "rows": summary}
     console.print(f"plot: {png}   per-update CSVs and JSON: {out_dir}   wall: {wall:.1f} s")
+    if check_engine:
+        console.rule("check: a short real Simulation Engine run (Ray) against the inline backend")
+        se_wall = engine_check(out_dir, names)
+        info["engine_check_simulation_wall_s"] = se_wall
+        console.print(
+            f"Simulation Engine run ({se_wall:.0f} s wall) and inline run: identical per-update "
+            "records and metrics (wall-clock columns and random ids aside)"
+        )
+    (out_dir / "summary.json").write_text(json.dumps(info, indent=1))
     return summary

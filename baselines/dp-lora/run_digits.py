@@ -65,6 +65,7 @@ def run(eps: float, seed: int, args: argparse.Namespace) -> dict[str, float]:
             "dp.target-epsilon": 0.0 if nodp else eps,
             "dp.delta": args.delta,
             "dp.max-grad-norm": args.clip,
+            "dp.accountant": args.accountant,
         }
         run_app(server_app, client_app, num_supernodes=args.clients, run_config=run_config)
         row = json.loads(out.read_text())
@@ -123,6 +124,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--activation", choices=["relu", "tanh"], default="tanh")
     ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument(
+        "--accountant", choices=["rdp", "prv"], default="rdp", help="calibrates and reports"
+    )
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent)
     args = ap.parse_args()

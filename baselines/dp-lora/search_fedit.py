@@ -3,8 +3,8 @@
 Runs the fedit-llm app's recipe in one process (no Ray), so a configuration costs only its
 training: the app's data split (``flwr_ext.llm.tasks``), ``build_model`` (LoRA, optionally on
 some layers only), FedAvg of the clients' adapters each round (``fedavg_states``), the app's
-local training (``local_train``: ``train_lora``, or record-level DP-SGD with each client's
-accountant kept in its own ``context.state``), then the app's evaluation of the final adapter.
+local training (``flwr_ext.llm.local.local_train``: ``train_lora``, or record-level DP-SGD
+with each client's accountant kept in its own ``context.state``), then the app's evaluation.
 Reads one JSON object of run-config overrides per line on stdin (the keys of
 ``apps/fedit-llm/pyproject.toml``, e.g. ``"dp.target-epsilon": 8``), prints one JSON result per
 line. The reported numbers come from ``run_fedit.py`` (Flower simulations of the app).
@@ -29,11 +29,11 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_k, "1")
 
 import torch  # noqa: E402
-from fedit_llm.client_app import local_train  # noqa: E402
 from fedit_llm.config import build_model, validate  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 
 from flwr_ext.llm.aggregation import fedavg_states  # noqa: E402
+from flwr_ext.llm.local import local_train  # noqa: E402
 from flwr_ext.llm.lora import adapter_state, load_adapter_state  # noqa: E402
 from flwr_ext.llm.tasks import client_records, evaluate, tokenize, train_eval_records  # noqa: E402
 from flwr_ext.sim import fused_run_config  # noqa: E402

@@ -8,8 +8,10 @@ and FedBuff lose accuracy under strong heterogeneity. A fourth, strongly skewed 
 trace file, per-step compute time fastest:slowest = 1600x) adds the regime where DESIGN.md
 says FedAsync / FedBuff stall on non-IID data.
 
-Every (profile, seed) is ONE real Flower Simulation Engine run (Ray) of ``apps/async-vision``
-through :func:`flwr_ext.sim.run_app`; the ServerApp runs the four strategies one after the
+Every seed is ONE run of ``apps/async-vision`` through :func:`flwr_ext.sim.run_app`, on the
+inline backend by default (``--backend inline``: virtual clock, same results as Flower's
+Simulation Engine bit for bit, no Ray; ``--backend simulation`` runs the Simulation Engine); the
+ServerApp runs the four strategies one after the
 other on the same SuperNodes, each from the same initial model with a fresh virtual clock and
 the same virtual-time budget (the demo machinery of :mod:`flwr_ext.demo`, reused). The per-run
 files go to ``<out>/runs/<profile>-s<seed>/``; the table (``results.md``), ``results.json`` and
@@ -128,7 +130,9 @@ def profiles_server_app(profiles: list[str], seed: int, runs_dir: Path, quick: b
     return app
 
 
-def run_one(profiles: list[str], seed: int, runs_dir: Path, quick: bool) -> float:
+def run_one(
+    profiles: list[str], seed: int, runs_dir: Path, quick: bool, backend: str = "inline"
+) -> float:
     """One real Flower simulation (seed ``seed``): every profile, the four strategies each."""
     from async_vision.client_app import app as client_app
 
@@ -139,12 +143,12 @@ def run_one(profiles: list[str], seed: int, runs_dir: Path, quick: bool) -> floa
     cfg = fused_run_config(APP_DIR, overrides)
     t0 = time.time()
     server_app = profiles_server_app(profiles, seed, runs_dir, quick)
-    run_app(server_app, client_app, num_supernodes=NUM_CLIENTS, run_config=cfg)
+    run_app(server_app, client_app, num_supernodes=NUM_CLIENTS, run_config=cfg, backend=backend)
     return time.time() - t0
 
 
 def run_isolated(
-    profiles: list[str], seed: int, runs_dir: Path, quick: bool, timeout: float
+    profiles: list[str], seed: int, runs_dir: Path, quick: bool, timeout: float, backend: str
 ) -> float:
     """:func:`run_one` in a child process (own session), retried once.
 
@@ -152,7 +156,7 @@ def run_isolated(
     child's whole process group is killed on timeout so nothing is left running.
     """
     cmd = [sys.executable, __file__, "--one", ",".join(profiles), str(seed)]
-    cmd += ["--out", str(runs_dir.parent)] + (["--quick"] if quick else [])
+    cmd += ["--out", str(runs_dir.parent), "--backend", backend] + (["--quick"] if quick else [])
     runs_dir.mkdir(parents=True, exist_ok=True)
     for attempt in (1, 2):
         t0 = time.time()
@@ -285,10 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rerun", action="store_true", help="ignore finished runs")
     ap.add_argument("--aggregate-only", action="store_true")
     ap.add_argument("--timeout", type=float, default=1500.0, help="per simulation (s)")
+    ap.add_argument(
+        "--backend",
+        choices=["inline", "simulation"],
+        default="inline",
+        help="inline (default; virtual clock, Simulation Engine results) or simulation (Ray)",
+    )
     ap.add_argument("--one", nargs=2, metavar=("PROFILE", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        run_one(args.one[0].split(","), int(args.one[1]), args.out / "runs", args.quick)
+        run_one(
+            args.one[0].split(","), int(args.one[1]), args.out / "runs", args.quick, args.backend
+        )
         return 0
     profiles = [p for p in args.profiles.split(",") if p]
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -300,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.rerun:
                 todo = [p for p in profiles if not (runs_dir / f"{p}-s{seed}/done.json").exists()]
             if todo:
-                wall = run_isolated(todo, seed, runs_dir, args.quick, args.timeout)
+                wall = run_isolated(todo, seed, runs_dir, args.quick, args.timeout, args.backend)
                 elapsed = time.time() - t0
                 print(
                     f"[{elapsed:7.1f} s] seed {seed} ({','.join(todo)}): {wall:.1f} s", flush=True

@@ -146,6 +146,17 @@ def report(
     return table
 
 
+def _label(preset: str) -> str:
+    """Legend label: a spec that equals the default ``fedzip`` preset says so."""
+    from flwr_ext.compression import get_preset
+
+    try:
+        same = preset != "fedzip" and get_preset(preset) == get_preset("fedzip")
+    except ValueError:
+        same = False
+    return f"fedzip (the default preset: {preset.split(':', 1)[1]})" if same else preset
+
+
 def _plot(runs: dict, presets: list[str], seeds: list[int], nodes: int) -> None:
     import matplotlib
 
@@ -174,7 +185,7 @@ def _plot(runs: dict, presets: list[str], seeds: list[int], nodes: int) -> None:
                 marker=".",
                 color=colours.get(p),
                 alpha=0.8,
-                label=p if i == 0 else None,
+                label=_label(p) if i == 0 else None,
             )
     ax.set_xscale("log")
     ax.set_xlabel(f"cumulative uplink bytes (all {nodes} clients, ArrayRecord.count_bytes)")

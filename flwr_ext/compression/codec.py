@@ -18,7 +18,11 @@ A symbol stream is empty, constant, ANS-coded with its counts, or (v2) zstd byte
 The payload travels as ``flwr.app.Array(dtype=<tensor dtype>, shape=<tensor shape>,
 stype="flwr-ext/<codec>", data=<payload>)`` under the tensor's own name; the decoder checks that
 the Array's dtype and shape agree with the payload header (and with the reference the server
-sent, when given). Every count is validated before allocation.
+sent, when given). Every count is validated before allocation; the codec id must be one of
+``CODEC_IDS`` and, when the decoder is given the Array's stype, the one that stype names. The
+output is allocated once and decoded into in place (peak ~ the tensor plus the payload);
+``max_bytes`` (per tensor) and :func:`decode_update` (per reply, e.g. :func:`reply_budget` of what
+the server sent) bound what a payload may expand to.
 """
 
 from __future__ import annotations
@@ -49,8 +53,12 @@ SPARSIFIERS = ("none", "topk", "global_topk", "randomk")
 QUANTIZERS = ("none", "kmeans", "qsgd", "uniform")
 _SP_DENSE, _SP_INDICES, _SP_RANDOMK = 0, 1, 2
 _Q_RAW, _Q_KMEANS, _Q_QSGD, _Q_UNIFORM = 0, 1, 2, 3
-#: Codec ids written in the header (informative: decoding is driven by the stage bytes).
+#: Codec ids written in the header. Decoding is driven by the stage bytes, but an id that is
+#: not in this table, or one that the Array's stype does not name, is rejected.
 CODEC_IDS = {"custom": 0, "raw": 1, "fedzip": 2, "dgc": 3, "qsgd-8bit": 4, "sparse-lora": 5}
+_CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
+#: Prefix of the Array stype of every payload (``"flwr-ext/<codec name>"``).
+STYPE_PREFIX = "flwr-ext/"
 _FLOATS = ("float16", "float32", "float64")
 
 
@@ -132,7 +140,7 @@ class PipelineConfig:
     @property
     def stype(self) -> str:
         """Array stype of the payloads of this pipeline."""
-        return f"flwr-ext/{self.name}"
+        return f"{STYPE_PREFIX}{self.name}"
 
     def compresses(self, name: str) -> bool:
         """Whether tensor ``name`` goes through the lossy stages."""
@@ -266,9 +274,57 @@ def encode_tensor(
 
 
 # --------------------------------------------------------------------------- decoding
+def codec_id_for_stype(stype: str) -> int:
+    """The codec id that a payload carried as ``Array(stype=stype)`` has in its header.
+
+    ``"flwr-ext/<name>"`` maps to ``CODEC_IDS[name]``; a pipeline of any other name writes the
+    ``custom`` id (0).
+
+    Raises
+    ------
+    CorruptPayloadError
+        If ``stype`` is not a ``flwr-ext/`` stype.
+    """
+    if not isinstance(stype, str) or not stype.startswith(STYPE_PREFIX):
+        raise CorruptPayloadError(f"stype {stype!r} is not a flwr-ext payload")
+    return CODEC_IDS.get(stype[len(STYPE_PREFIX) :], CODEC_IDS["custom"])
+
+
 def _finite(arr: np.ndarray, what: str) -> None:
-    if arr.dtype.kind == "f" and arr.size and not np.all(np.isfinite(arr)):
-        raise CorruptPayloadError(f"non-finite {what}")
+    if arr.dtype.kind != "f":
+        return
+    for s in range(0, arr.size, entropy.CHUNK):
+        if not np.all(np.isfinite(arr[s : s + entropy.CHUNK])):
+            raise CorruptPayloadError(f"non-finite {what}")
+
+
+def _fill(dst: np.ndarray, values, step: int | None = None) -> None:
+    """``dst[s:e] = values(s, e)`` chunk by chunk (casts like ``astype``; no full temporary)."""
+    step = step or entropy.CHUNK
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(0, dst.size, step):
+            e = min(s + step, dst.size)
+            dst[s:e] = values(s, e)
+
+
+def _scatter_in_place(out: np.ndarray, idx: np.ndarray | entropy.IndexChunks) -> None:
+    """Move ``out[j]`` to ``out[idx[j]]`` for ``j < len(idx)`` and zero every other position.
+
+    ``idx`` is strictly increasing, so ``idx[j] >= j``: walking back from the end, a chunk's
+    destinations never hold a value that is still to be moved, and the chunk's own slots are
+    no earlier chunk's destination. ``out[len(idx):]`` must be zero on entry. Positions of a
+    gap stream (:class:`~flwr_ext.compression.entropy.IndexChunks`) are rebuilt chunk by chunk.
+    """
+    if isinstance(idx, entropy.IndexChunks):
+        chunks = (idx.chunk(c) for c in reversed(range(idx.num_chunks)))
+    else:
+        step = entropy.CHUNK
+        chunks = ((s, idx[s : s + step]) for s in reversed(range(0, idx.size, step)))
+    for s, pos in chunks:
+        e = s + pos.size
+        vals = out[s:e].copy()
+        out[s:e] = 0
+        out[pos] = vals
 
 
 def decode_tensor(
@@ -278,8 +334,14 @@ def decode_tensor(
     expected_dtype: str | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     allow_nonfinite: bool = False,
+    stype: str | None = None,
+    max_bytes: int | None = None,
 ) -> np.ndarray:
     """Decode one payload written by :func:`encode_tensor`.
+
+    The output is allocated once, with the size the header declares (after every bound
+    check), and every stage writes into it: the peak memory of decoding a dense tensor is the
+    tensor plus the payload, that of a sparse one adds its int32 positions.
 
     Parameters
     ----------
@@ -291,21 +353,39 @@ def decode_tensor(
         Largest tensor the decoder may allocate (capped at ``MAX_ELEMENTS_HARD``).
     allow_nonfinite : bool
         Accept NaN/inf values, centroids or norms (rejected by default).
+    stype : str, optional
+        The ``Array.stype`` the payload arrived under (``"flwr-ext/fedzip"``); the header's
+        codec id must be the one it names (:func:`codec_id_for_stype`).
+    max_bytes : int, optional
+        Largest decoded tensor in bytes, e.g. what the server sent for this tensor (or what is
+        left of a whole reply's budget, see :func:`decode_update`): a reply is never larger
+        than the model.
 
     Raises
     ------
     CorruptPayloadError
-        For any truncated, corrupted, inconsistent or oversized payload.
+        For any truncated, corrupted, inconsistent or oversized payload, an unknown codec id,
+        or a codec id that ``stype`` does not name. :class:`PayloadLimitError` (a subclass)
+        when the declared size exceeds ``max_elements`` or ``max_bytes``.
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise CorruptPayloadError("payload is not bytes")
-    r = Reader(bytes(data))
+    r = Reader(data)
     if r.remaining < 2 or r.raw(2) != MAGIC:
         raise CorruptPayloadError("bad magic: not a flwr-ext payload")
     version = r.u8()
     if version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersionError(f"wire format version {version} (this decoder: {VERSION})")
-    r.u8()  # codec id: informative
+    codec_id = r.u8()
+    if codec_id not in _CODEC_NAMES:
+        raise CorruptPayloadError(f"unknown codec id {codec_id} (known: {sorted(_CODEC_NAMES)})")
+    if stype is not None:
+        want = codec_id_for_stype(stype)
+        if codec_id != want:
+            raise CorruptPayloadError(
+                f"stype {stype!r} names codec id {want} ({_CODEC_NAMES[want]}) but the payload "
+                f"was written by codec id {codec_id} ({_CODEC_NAMES[codec_id]})"
+            )
     code = r.u8()
     if code >= len(DTYPES):
         raise CorruptPayloadError(f"unknown dtype code {code}")
@@ -314,14 +394,19 @@ def decode_tensor(
     if ndim > MAX_NDIM:
         raise CorruptPayloadError(f"ndim {ndim} > {MAX_NDIM}")
     limit = min(max_elements, MAX_ELEMENTS_HARD)
+    what = "limit"
+    if max_bytes is not None:
+        by_bytes = max(int(max_bytes), 0) // np.dtype(dtype).itemsize
+        if by_bytes < limit:
+            limit, what = by_bytes, f"limit of {int(max_bytes)} bytes"
     shape: list[int] = []
     numel = 1
     for _ in range(ndim):
-        d = r.varint(limit, "dimension")
+        d = r.varint(MAX_ELEMENTS_HARD, "dimension")
         shape.append(d)
         numel *= d
         if numel > limit:
-            raise PayloadLimitError(f"declared {numel} elements > limit {limit}")
+            raise PayloadLimitError(f"declared {numel} {dtype} elements > {what} ({limit})")
     if expected_shape is not None and tuple(shape) != tuple(expected_shape):
         raise CorruptPayloadError(f"shape {tuple(shape)} != expected {tuple(expected_shape)}")
     if expected_dtype is not None and dtype != expected_dtype:
@@ -334,7 +419,10 @@ def decode_tensor(
         k = numel
     elif sp == _SP_INDICES:
         k = r.varint(numel, "kept count")
-        idx = entropy.decode_indices(r, k, numel)
+        # a small selection keeps its positions (8 bytes each, fast); a large one only its gaps
+        # (one byte each), its positions rebuilt chunk by chunk while scattering
+        small = 8 * k <= numel * np.dtype(dtype).itemsize // 4
+        idx = (entropy.decode_indices if small else entropy.decode_index_chunks)(r, k, numel)
     elif sp == _SP_RANDOMK:
         k = r.varint(numel, "kept count")
         seed = r.varint((1 << 64) - 1, "seed")
@@ -344,17 +432,31 @@ def decode_tensor(
     if idx is not None and not is_float:
         raise CorruptPayloadError("sparse payload for a non-float tensor")
 
+    def alloc() -> tuple[np.ndarray, np.ndarray]:
+        # dense: every slot is written; a small selection: its own values array, scattered at
+        # the end; a large one: zeros (calloc) with the kept values in front, moved in place
+        if idx is None:
+            out = np.empty(numel, dtype=dtype)
+            return out, out
+        if isinstance(idx, np.ndarray):
+            return np.zeros(numel, dtype=dtype), np.empty(k, dtype=dtype)
+        out = np.zeros(numel, dtype=dtype)
+        return out, out[:k]
+
     q = r.u8()
     if q != _Q_RAW and (not is_float or k == 0):
         raise CorruptPayloadError("quantised payload for a non-float or empty selection")
     if q == _Q_RAW:
-        vals = entropy.decode_raw(r, dtype, k)
+        out, dst = alloc()
+        entropy.decode_raw_into(r, dst)
     elif q == _Q_KMEANS:
         c = r.u8() + 1
         codebook = r.array("float64" if dtype == "float64" else "float32", c)
         if not allow_nonfinite:
             _finite(codebook, "codebook")
-        vals = codebook[entropy.decode_symbols(r, k, c)]
+        syms = entropy.decode_symbols(r, k, c)
+        out, dst = alloc()
+        _fill(dst, lambda s, e: codebook[syms[s:e]])
     elif q == _Q_QSGD:
         levels = r.varint(1 << 15, "QSGD levels")
         bucket = r.varint(1 << 24, "QSGD bucket")
@@ -364,7 +466,12 @@ def decode_tensor(
         if not allow_nonfinite:
             _finite(norms, "QSGD norm")
         syms = entropy.decode_symbols(r, k, 2 * levels + 1)
-        vals = qsgd_dequantize(norms, syms, levels, bucket)
+        out, dst = alloc()
+        _fill(
+            dst,
+            lambda s, e: qsgd_dequantize(norms[s // bucket :], syms[s:e], levels, bucket),
+            bucket * max(1, entropy.CHUNK // bucket),  # chunks start on a bucket boundary
+        )
     elif q == _Q_UNIFORM:
         bits = r.u8()
         if not 1 <= bits <= 16:
@@ -372,19 +479,19 @@ def decode_tensor(
         lo, hi = r.f32(), r.f32()
         if not allow_nonfinite and not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
             raise CorruptPayloadError("invalid uniform range")
-        vals = uniform_dequantize(lo, hi, entropy.decode_symbols(r, k, 1 << bits), bits)
+        syms = entropy.decode_symbols(r, k, 1 << bits)
+        out, dst = alloc()
+        _fill(dst, lambda s, e: uniform_dequantize(lo, hi, syms[s:e], bits))
     else:
         raise CorruptPayloadError(f"unknown quantiser {q}")
     r.expect_end()
 
-    with np.errstate(over="ignore", invalid="ignore"):
-        vals = np.asarray(vals).astype(dtype)
     if not allow_nonfinite:
-        _finite(vals, "value")
-    if idx is None:
-        return vals.reshape(shape)
-    out = np.zeros(numel, dtype=dtype)
-    out[idx] = vals
+        _finite(dst, "value")
+    if isinstance(idx, np.ndarray):
+        out[idx] = dst
+    elif idx is not None:
+        _scatter_in_place(out, idx)
     return out.reshape(shape)
 
 
@@ -409,6 +516,80 @@ def is_sparse_payload(data: bytes) -> bool:
 
 
 # --------------------------------------------------------------------------- whole updates
+def reply_budget(sent: Mapping[str, object]) -> int:
+    """Bytes of the arrays a node was sent: the most a legitimate reply can decode to.
+
+    ``sent`` maps names to numpy arrays or to anything with ``shape`` and ``dtype``
+    (``flwr.app.Array`` works without being deserialised).
+    """
+    total = 0
+    for arr in sent.values():
+        numel = 1
+        for d in arr.shape:
+            numel *= int(d)
+        total += numel * np.dtype(str(arr.dtype)).itemsize
+    return total
+
+
+def decode_update(
+    payloads: Mapping[str, bytes],
+    *,
+    stypes: Mapping[str, str] | None = None,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    expected_dtypes: Mapping[str, str] | None = None,
+    max_bytes: int | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    allow_nonfinite: bool = False,
+) -> dict[str, np.ndarray]:
+    """Decode every payload of one reply, within one byte budget for the whole reply.
+
+    Parameters
+    ----------
+    payloads : Mapping[str, bytes]
+        Name -> payload, as :func:`encode_update` returned them.
+    stypes, expected_shapes, expected_dtypes : Mapping, optional
+        Per name, what :func:`decode_tensor` checks (the Array's stype; the shape and dtype the
+        server sent or the Array declares). A name missing from a given mapping is an error.
+    max_bytes : int, optional
+        Budget of the whole reply in decoded bytes, e.g. ``reply_budget(sent)``: each tensor
+        may use what the previous ones left.
+    max_elements, allow_nonfinite
+        As in :func:`decode_tensor`, per tensor.
+
+    Raises
+    ------
+    CorruptPayloadError
+        As :func:`decode_tensor`; :class:`PayloadLimitError` once the budget is exceeded.
+    """
+    out: dict[str, np.ndarray] = {}
+    left = max_bytes
+    for name, data in payloads.items():
+        kwargs: dict = {}
+        for key, table in (
+            ("stype", stypes),
+            ("expected_shape", expected_shapes),
+            ("expected_dtype", expected_dtypes),
+        ):
+            if table is not None:
+                if name not in table:
+                    raise CorruptPayloadError(f"payload for unknown tensor {name!r}")
+                kwargs[key] = table[name]
+        try:
+            arr = decode_tensor(
+                data,
+                max_elements=max_elements,
+                allow_nonfinite=allow_nonfinite,
+                max_bytes=left,
+                **kwargs,
+            )
+        except CorruptPayloadError as exc:
+            raise type(exc)(f"{name!r}: {exc}") from None
+        if left is not None:
+            left -= arr.nbytes
+        out[name] = arr
+    return out
+
+
 def encode_update(
     update: Mapping[str, np.ndarray],
     config: PipelineConfig,

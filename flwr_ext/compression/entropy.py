@@ -14,7 +14,12 @@
   this is within a few percent of the gap entropy.
 * **Raw values** are stored as little-endian bytes, zstd-compressed when that is smaller.
   Decompression is bounded by the size the header declares (a zstd frame that claims a huge
-  content size cannot make the decoder allocate it).
+  content size cannot make the decoder allocate it) and writes straight into the caller's
+  array (:func:`decode_raw_into`): no intermediate copies of the decoded bytes.
+
+Decoding keeps memory near the size of the decoded tensor: symbol streams come back in the
+smallest unsigned dtype their alphabet fits (uint8 for codebook ids, QSGD-8bit levels and gap
+buckets), and index gaps are turned into positions in fixed-size chunks.
 
 No hand-written Huffman: the entropy coders are ``constriction`` and ``zstandard``.
 """
@@ -40,6 +45,17 @@ _MODE_EMPTY, _MODE_CONST, _MODE_ANS, _MODE_ZSTD8 = 0, 1, 2, 3
 #: than ANS over millions of symbols (bench/compression.md, section 2 and 3).
 ZSTD_MIN_SYMBOLS = 1 << 16
 _RAW_PLAIN, _RAW_ZSTD = 0, 1
+#: Elements processed per step when turning gaps into positions (bounds the temporaries).
+CHUNK = 1 << 18
+
+
+def symbol_dtype(alphabet: int) -> np.dtype:
+    """Smallest dtype that holds symbols ``< alphabet`` (what :func:`decode_symbols` returns)."""
+    if alphabet <= 1 << 8:
+        return np.dtype(np.uint8)
+    if alphabet <= 1 << 16:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
 
 
 def _model(counts: np.ndarray) -> constriction.stream.model.Categorical:
@@ -84,7 +100,10 @@ def encode_symbols(symbols: np.ndarray, w: Writer) -> None:
 
 
 def decode_symbols(r: Reader, n: int, alphabet: int) -> np.ndarray:
-    """Read ``n`` symbols, each checked to be ``< alphabet``; returns int64 (int16 for v2 zstd).
+    """Read ``n`` symbols, each checked to be ``< alphabet``.
+
+    Returns them in :func:`symbol_dtype` ``(alphabet)`` (uint8 for alphabets up to 256), so a
+    stream of ``n`` symbols costs ``n`` bytes, not ``8 n``.
 
     Raises
     ------
@@ -92,21 +111,23 @@ def decode_symbols(r: Reader, n: int, alphabet: int) -> np.ndarray:
         On any inconsistency: wrong mode, counts that do not sum to ``n``, a word count larger
         than the payload, a decoded histogram that differs from the declared one.
     """
+    dtype = symbol_dtype(alphabet)
     mode = r.u8()
     if mode == _MODE_EMPTY:
         if n != 0:
             raise CorruptPayloadError("empty symbol stream where symbols were expected")
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=dtype)
     if n == 0:
         raise CorruptPayloadError("non-empty symbol stream where none was expected")
     if mode == _MODE_CONST:
         sym = r.varint(alphabet - 1, "constant symbol")
-        return np.full(n, sym, dtype=np.int64)
+        return np.full(n, sym, dtype=dtype)
     if mode == _MODE_ZSTD8:
-        raw = decode_raw(r, "uint8", n)
-        if raw.size and int(raw.max()) >= alphabet:
+        raw = np.empty(n, dtype=np.uint8)
+        decode_raw_into(r, raw)
+        if int(raw.max()) >= alphabet:
             raise CorruptPayloadError("symbol beyond the alphabet")
-        return raw.astype(np.int16)
+        return raw if dtype == np.uint8 else raw.astype(dtype)
     if mode != _MODE_ANS:
         raise CorruptPayloadError(f"unknown symbol-stream mode {mode}")
     size = r.varint(min(alphabet, MAX_ALPHABET), "alphabet size")
@@ -128,10 +149,10 @@ def decode_symbols(r: Reader, n: int, alphabet: int) -> np.ndarray:
         empty = coder.is_empty()
     except (ValueError, RuntimeError, OverflowError) as exc:
         raise CorruptPayloadError(f"ANS stream does not decode: {exc}") from None
-    out = np.asarray(out, dtype=np.int64)
+    out = np.asarray(out)
     if not empty or not np.array_equal(np.bincount(out, minlength=size), counts):
         raise CorruptPayloadError("ANS stream does not match its declared symbol counts")
-    return out
+    return out.astype(dtype, copy=False)  # size <= alphabet: every symbol fits
 
 
 # --------------------------------------------------------------------------- index gaps
@@ -158,11 +179,15 @@ def _pack_bits(values: np.ndarray, nbits: np.ndarray) -> bytes:
     return np.packbits(bits).tobytes()
 
 
-def _unpack_bits(data: bytes, nbits: np.ndarray) -> np.ndarray:
+def _unpack_bits(data: bytes, nbits: np.ndarray, offset: int = 0) -> np.ndarray:
+    """Inverse of :func:`_pack_bits` for values starting ``offset`` bits into ``data``."""
     total = int(nbits.sum())
     if total == 0:
         return np.zeros(nbits.size, dtype=np.int64)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:total].astype(np.int64)
+    first, skip = divmod(offset, 8)
+    count = (skip + total + 7) // 8
+    raw = np.frombuffer(data, dtype=np.uint8, count=count, offset=first)
+    bits = np.unpackbits(raw)[skip : skip + total].astype(np.int64)
     owner = np.repeat(np.arange(nbits.size), nbits)
     start = np.cumsum(nbits) - nbits
     shift = (nbits[owner] - 1) - (np.arange(total) - start[owner])
@@ -190,25 +215,112 @@ def encode_indices(indices: np.ndarray, w: Writer) -> None:
     w.raw(_pack_bits(extra, nb))
 
 
-def decode_indices(r: Reader, k: int, numel: int) -> np.ndarray:
-    """Read ``k`` strictly increasing positions, each checked to be ``< numel``."""
-    sym = decode_symbols(r, k, max_gap_symbol(numel) + 1).astype(np.int64, copy=False)
-    if k == 0:
-        return sym
-    if np.any(sym == 0):
-        raise CorruptPayloadError("gap symbol 0 is invalid")
+def _gap_fields(sym: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(is a bucket symbol, mantissa bits t, number of extra bits) of gap symbols."""
     m = GAP_MANTISSA_BITS
     big = sym >= _SMALL
     t = np.where(big, sym - _SMALL, 0)
     nb = np.where(big, t // (1 << m) + 1, 0)
-    nbytes = (int(nb.sum()) + 7) // 8
-    extra = _unpack_bits(r.raw(nbytes), nb)
-    v = np.where(big, (((1 << m) + t % (1 << m)) << nb) | extra, sym)
-    if int(v.max()) > numel:
-        raise CorruptPayloadError("sparse index gap beyond the tensor size")
-    idx = np.cumsum(v) - 1  # k * numel < 2**63 because numel <= MAX_ELEMENTS_HARD
-    if idx[-1] >= numel:
-        raise CorruptPayloadError("sparse index beyond the tensor size")
+    return big, t, nb
+
+
+def _chunk_bits(sym: np.ndarray) -> tuple[list[int], int]:
+    """Bit offset of each chunk's extra bits, and their total; rejects gap symbol 0."""
+    bits: list[int] = []
+    total = 0
+    for s in range(0, sym.size, CHUNK):
+        c = sym[s : s + CHUNK].astype(np.int64)
+        if np.any(c == 0):
+            raise CorruptPayloadError("gap symbol 0 is invalid")
+        bits.append(total)
+        total += int(_gap_fields(c)[2].sum())
+    return bits, total
+
+
+class IndexChunks:
+    """Sparse positions read from a gap stream, produced ``CHUNK`` at a time on demand.
+
+    Reading (:func:`decode_index_chunks`) checks every gap and the last position and records
+    where each chunk starts (bit offset, first position), so :meth:`chunk` can rebuild the
+    positions of any chunk in any order; only the gap symbols (one byte each) stay in memory.
+    """
+
+    def __init__(self, sym: np.ndarray, extra: bytes, bits: list[int], starts: list[int]) -> None:
+        self._sym, self._extra, self._bits, self._starts = sym, extra, bits, starts
+        self.size = int(sym.size)
+        self.dtype = np.dtype(np.int64)
+
+    @property
+    def num_chunks(self) -> int:
+        """Number of chunks (``ceil(size / CHUNK)``)."""
+        return len(self._starts)
+
+    def _gaps(self, c: int) -> np.ndarray:
+        m = GAP_MANTISSA_BITS
+        sym = self._sym[c * CHUNK : (c + 1) * CHUNK].astype(np.int64)
+        big, t, nb = _gap_fields(sym)
+        extra = _unpack_bits(self._extra, nb, self._bits[c])
+        return np.where(big, (((1 << m) + t % (1 << m)) << nb) | extra, sym)
+
+    def chunk(self, c: int) -> tuple[int, np.ndarray]:
+        """``(first index, positions)`` of chunk ``c``."""
+        pos = np.cumsum(self._gaps(c))
+        pos += self._starts[c] - 1
+        return c * CHUNK, pos
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.size, dtype=dtype or np.int64)
+        for c in range(self.num_chunks):
+            s, pos = self.chunk(c)
+            out[s : s + pos.size] = pos
+        return out
+
+
+def decode_index_chunks(r: Reader, k: int, numel: int) -> IndexChunks:
+    """Read ``k`` strictly increasing positions ``< numel`` without materialising them.
+
+    Every gap is checked (and the last position against ``numel``) before this returns, so a
+    payload that lies about its positions is rejected here, before any value is decoded.
+    """
+    sym = decode_symbols(r, k, max_gap_symbol(numel) + 1)
+    bits, total_bits = _chunk_bits(sym)
+    extra_bytes = r.raw((total_bits + 7) // 8)
+    chunks = IndexChunks(sym, extra_bytes, bits, [])
+    first = 0  # = previous position + 1
+    for c in range(len(bits)):
+        v = chunks._gaps(c)
+        if int(v.max()) > numel:
+            raise CorruptPayloadError("sparse index gap beyond the tensor size")
+        chunks._starts.append(first)
+        first += int(v.sum())  # sums of gaps <= k * numel < 2**63 (numel <= 2**31)
+        if first - 1 >= numel:
+            raise CorruptPayloadError("sparse index beyond the tensor size")
+    return chunks
+
+
+def decode_indices(r: Reader, k: int, numel: int) -> np.ndarray:
+    """Read ``k`` strictly increasing positions, each checked to be ``< numel`` (int64).
+
+    The positions are materialised (``8 k`` bytes) in one pass over the gaps; for selections
+    that are a large part of the tensor, :func:`decode_index_chunks` keeps only the gaps.
+    """
+    sym = decode_symbols(r, k, max_gap_symbol(numel) + 1)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    bits, total_bits = _chunk_bits(sym)
+    chunks = IndexChunks(sym, r.raw((total_bits + 7) // 8), bits, [])
+    idx = np.empty(k, dtype=np.int64)
+    last = -1
+    for c in range(len(bits)):
+        v = chunks._gaps(c)
+        if int(v.max()) > numel:
+            raise CorruptPayloadError("sparse index gap beyond the tensor size")
+        pos = np.cumsum(v)  # chunk * numel < 2**63 because numel <= MAX_ELEMENTS_HARD
+        pos += last
+        if pos[-1] >= numel:
+            raise CorruptPayloadError("sparse index beyond the tensor size")
+        idx[c * CHUNK : c * CHUNK + pos.size] = pos
+        last = int(pos[-1])
     return idx
 
 
@@ -225,29 +337,42 @@ def encode_raw(arr: np.ndarray, w: Writer, level: int = 1) -> None:
         w.raw(data)
 
 
-def decode_raw(r: Reader, dtype: str, count: int) -> np.ndarray:
-    """Read ``count`` items of ``dtype`` written by :func:`encode_raw` (bounded output)."""
+def decode_raw_into(r: Reader, out: np.ndarray) -> None:
+    """Read the values written by :func:`encode_raw` straight into ``out`` (1-D, contiguous).
+
+    ``out``'s length and dtype say what the header declared; zstd output is written into
+    ``out``'s own memory (``readinto``), never held as bytes first, and a frame that produces
+    more or fewer bytes than ``out`` holds is rejected.
+    """
     mode = r.u8()
-    dt = np.dtype(dtype).newbyteorder("<")
+    dt = np.dtype(out.dtype).newbyteorder("<")
+    expected = out.size * dt.itemsize
     if mode == _RAW_PLAIN:
-        return r.array(dtype, count)
+        out[...] = np.frombuffer(r.raw_view(expected), dtype=dt)
+        return
     if mode != _RAW_ZSTD:
         raise CorruptPayloadError(f"unknown raw-values mode {mode}")
-    packed = r.blob(r.remaining, "zstd frame length")
-    expected = count * dt.itemsize
-    chunks: list[bytes] = []
+    packed = r.blob_view(r.remaining, "zstd frame length")
+    dst = memoryview(out.view(np.uint8).reshape(-1))
     got = 0
-    try:  # chunked: memory follows the bytes really produced, never the frame's claims
+    try:  # memory is ``out`` itself: a frame's claimed content size allocates nothing
         with zstandard.ZstdDecompressor().stream_reader(packed) as reader:
-            while got <= expected:
-                chunk = reader.read(min(expected + 1 - got, 1 << 20))
-                if not chunk:
+            while got < expected:
+                n = reader.readinto(dst[got : got + min(expected - got, 1 << 24)])
+                if not n:
                     break
-                chunks.append(chunk)
-                got += len(chunk)
-        data = b"".join(chunks)
+                got += n
+            extra = reader.read(1) if got == expected else b""
     except zstandard.ZstdError as exc:
         raise CorruptPayloadError(f"zstd frame does not decode: {exc}") from None
-    if len(data) != expected:
+    if got != expected or extra:
         raise CorruptPayloadError("zstd frame size differs from the declared element count")
-    return np.frombuffer(data, dtype=dt).astype(dt.newbyteorder("="))
+    if dt != out.dtype:  # big-endian host: the bytes on the wire are little-endian
+        out.byteswap(inplace=True)
+
+
+def decode_raw(r: Reader, dtype: str, count: int) -> np.ndarray:
+    """Read ``count`` items of ``dtype`` written by :func:`encode_raw` (bounded output)."""
+    out = np.empty(count, dtype=np.dtype(dtype).newbyteorder("="))
+    decode_raw_into(r, out)
+    return out

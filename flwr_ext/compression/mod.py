@@ -21,6 +21,13 @@ Mods are fixed when the ClientApp is built, but the preset usually comes from th
 
     app = ClientApp(mods=[compression_mod(None)])   # flwr run --run-config 'compression="dgc"'
 
+Under Flower's client-side fixed clipping (``DifferentialPrivacyClientSideFixedClipping`` on the
+server, ``fixedclipping_mod`` after this mod in ``mods``) the server adds noise sized for the
+clipping norm C and does not clip again, so the mod clips what it *sends*: it reads C from the
+``clipping_norm`` key the server puts in the train config (or takes ``max_norm``) and bounds the
+decoded L2 norm of every reply by C whatever the preset, error feedback or rounds
+(:func:`~flwr_ext.compression.feedback.bounded_encode`); the residual stays on the client.
+
 The warm-up schedule (DGC) advances with this client's own number of compressed replies (kept
 in ``context.state``), not with the server round: under asynchronous strategies the
 ``server-round`` a client sees is a model version that grows with every update of every client.
@@ -35,6 +42,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .codec import PipelineConfig
 from .feedback import CompressionState, compress
@@ -62,6 +70,14 @@ def _server_round(msg: Message) -> int:
     return 0
 
 
+def _clipping_norm(msg: Message) -> float | None:
+    """The ``clipping_norm`` Flower's client-side fixed-clipping wrapper sends, if any."""
+    for rec in msg.content.config_records.values():
+        if KEY_CLIPPING_NORM in rec:
+            return float(rec[KEY_CLIPPING_NORM])  # type: ignore[arg-type]
+    return None
+
+
 def _next_step(context: Context, key: str) -> int:
     """1-based count of this client's compressed replies (advanced and persisted)."""
     rec = context.state.config_records.get(key) if key in context.state else None
@@ -76,6 +92,7 @@ def compression_mod(
     seed: int = 0,
     state_key: str = STATE_KEY,
     run_config_key: str = "compression",
+    max_norm: float | None = None,
     **overrides: Any,
 ) -> Mod:
     """Return a Flower mod that encodes train replies with ``preset``.
@@ -97,6 +114,9 @@ def compression_mod(
         ``density=0.005`` or ``momentum=0.9``.
     run_config_key : str
         Run-config key naming the preset when ``preset`` is ``None``.
+    max_norm : float or None
+        Bound on the decoded L2 norm of every compressed reply. ``None``: the ``clipping_norm``
+        of the train config when the server sends one (client-side fixed clipping), else none.
 
     Returns
     -------
@@ -130,6 +150,7 @@ def compression_mod(
         except (TypeError, ValueError):  # not plain numpy arrays: leave the exchange alone
             return call_next(msg, context)
         server_round = _server_round(msg)
+        bound = max_norm if max_norm is not None else _clipping_norm(msg)
 
         out = call_next(msg, context)
         if out.has_error() or len(out.content.array_records) != 1:
@@ -154,7 +175,7 @@ def compression_mod(
         mixed = int(
             np.random.SeedSequence([seed, server_round, node, step]).generate_state(1, np.uint64)[0]
         )
-        payloads = compress(state, delta, server_round=step, seed=mixed)
+        payloads = compress(state, delta, server_round=step, seed=mixed, max_norm=bound)
         if config.error_feedback:
             _save(context, f"{state_key}.residual", state.residual)
             if config.momentum:

@@ -4,7 +4,10 @@
   Malekijoo et al. 2021, Sec. 3.1; DGC's top-k, Lin et al. ICLR 2018, Sec. 3).
 * :func:`global_topk_indices` - one magnitude threshold shared by all tensors of the update.
 * :func:`randomk_indices` - ``k`` positions drawn from a seed that both ends share; the mask is
-  independent of the data, which keeps it compatible with a differential-privacy analysis.
+  independent of the data. Without error feedback ``compress`` scales the kept values by
+  ``numel / k`` so the decoded tensor is an unbiased estimate of the input
+  (:func:`flwr_ext.compression.feedback.randomk_unbiased`); with error feedback they are sent
+  unscaled (biased, the residual carries the rest).
 * :func:`dgc_warmup_density` - DGC's exponential warm-up of the sparsity (Lin et al. 2018,
   Sec. 3.3: 75%, 93.75%, 98.4375%, 99.6%, 99.9%).
 
@@ -122,6 +125,7 @@ def randomk_indices(numel: int, k: int, seed: int) -> np.ndarray:
     """``k`` distinct sorted positions in ``[0, numel)`` drawn from ``seed`` only.
 
     The decoder regenerates the same mask from ``(numel, k, seed)``; no index is transmitted.
+    Selection only: the values at these positions are not rescaled here (see the module notes).
     """
     if k <= 0 or numel == 0:
         return np.zeros(0, dtype=np.int64)

@@ -95,8 +95,8 @@ class Writer:
 class Reader:
     """Bounds-checked reader over an immutable payload."""
 
-    def __init__(self, data: bytes) -> None:
-        self._buf = memoryview(data)
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf = memoryview(data).cast("B")
         self._pos = 0
 
     @property
@@ -137,6 +137,10 @@ class Reader:
         """Read exactly ``n`` bytes."""
         return bytes(self._take(n))
 
+    def raw_view(self, n: int) -> memoryview:
+        """Read exactly ``n`` bytes as a view of the payload (no copy)."""
+        return self._take(n)
+
     def array(self, dtype: str, count: int) -> np.ndarray:
         """Read ``count`` little-endian items of ``dtype`` (checked before allocation)."""
         dt = np.dtype(dtype).newbyteorder("<")
@@ -147,6 +151,11 @@ class Reader:
         """Read a varint length (bounded by the bytes left and ``max_len``) then the bytes."""
         n = self.varint(min(max_len, self.remaining), what)
         return self.raw(n)
+
+    def blob_view(self, max_len: int, what: str = "blob") -> memoryview:
+        """:meth:`blob` as a view of the payload (no copy)."""
+        n = self.varint(min(max_len, self.remaining), what)
+        return self._take(n)
 
     def expect_end(self) -> None:
         """Raise unless every byte was consumed (trailing garbage is corruption)."""

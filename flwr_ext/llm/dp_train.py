@@ -59,7 +59,7 @@ def train_lora_dp(
     expected_rounds: int,
     batch_size: int,
     lr: float,
-    seed: int = 0,
+    seed: int | Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """One round of record-level DP-SGD (AdamW on the noised gradients) on the adapter.
 
@@ -77,6 +77,10 @@ def train_lora_dp(
         Logical DP-SGD steps this round; rounds this client expects to train (noise calibration).
     batch_size : int
         Expected (Poisson) logical batch size: the sample rate is ``batch_size / len(examples)``.
+    seed : int, sequence of int or None
+        Used only when ``dp.insecure_reproducible`` is set (then required): Poisson batches and
+        noise are drawn from generators seeded by it. By default both come from OS entropy and
+        the seed is ignored, so nobody who knows the run config can recompute the batches.
 
     Returns
     -------
@@ -96,12 +100,8 @@ def train_lora_dp(
         tuple(torch.tensor(e[k]) for k in ("input_ids", "labels", "attention_mask"))
         for e in examples
     ]
-    loader = DataLoader(
-        data,
-        batch_size=batch_size,
-        collate_fn=PadTuples(pad_token_id),
-        generator=torch.Generator().manual_seed(seed),
-    )
+    # no generator here: the engine draws the Poisson batches from a secret source
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=PadTuples(pad_token_id))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     engine = DPLoRAEngine.from_context(context, dp)
@@ -112,6 +112,7 @@ def train_lora_dp(
         data_loader=loader,
         steps_per_round=steps,
         expected_rounds=expected_rounds,
+        seed=seed,
     )
     losses: list[float] = []
     tokens = 0

@@ -77,6 +77,11 @@ def apply_lora(
 ) -> PeftModel:
     """Wrap ``model`` with a LoRA adapter; the base weights are frozen.
 
+    Put the base on its device first (``load_model_and_tokenizer(..., placement=...)``): PEFT
+    creates the adapter on the CPU from the seeded RNG and moves it next to each base layer, so
+    the initial adapter is the same on every device, and the optimizer and Opacus later see the
+    tensors that actually train (moving the model after wrapping is Opacus issue 820).
+
     Parameters
     ----------
     r, alpha, targets, dropout
@@ -171,8 +176,14 @@ def merge_stack(
     for m in stack_modules(stack):
         if m not in w0:
             raise KeyError(f"FLoRA stack names a module the model does not wrap: {m}")
-        a = torch.as_tensor(np.asarray(stack[m + FLORA_A]), dtype=torch.float32)
-        b = torch.as_tensor(np.asarray(stack[m + FLORA_B]), dtype=torch.float32)
+        dev = w0[m].device
+        a = torch.as_tensor(np.asarray(stack[m + FLORA_A]), dtype=torch.float32, device=dev)
+        b = torch.as_tensor(np.asarray(stack[m + FLORA_B]), dtype=torch.float32, device=dev)
         layer = model.get_submodule(m).base_layer
+        if not torch.is_floating_point(layer.weight):
+            raise TypeError(
+                f"FLoRA merges the stack into the base weights, but {m} is quantized "
+                f"({type(layer.weight).__name__}); use aggregation 'fedit' or 'ffa' with 4/8-bit"
+            )
         delta = (b @ a).to(layer.weight.dtype) if a.shape[0] else 0.0
         layer.weight.copy_(w0[m] + delta)

@@ -5,6 +5,11 @@
 ClientApp process per message, so the first load writes the dequantized fp32 weights, config and
 tokenizer to a cache directory (``$FLWR_EXT_CACHE`` or ``~/.cache/flwr-ext``), guarded by a file
 lock and published with an atomic rename; every later load reads safetensors in ~0.1 s.
+
+:class:`DeviceConfig` says where the base goes (CPU or a CUDA GPU), in which dtype (bf16 where
+the GPU supports it), and whether bitsandbytes quantizes it on load (4-bit NF4 or 8-bit, QLoRA).
+This module is the only place in flwr-ext with CUDA-specific code; training loops just follow the
+model's device.
 """
 
 from __future__ import annotations
@@ -13,9 +18,11 @@ import contextlib
 import fcntl
 import importlib.metadata
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -171,15 +178,166 @@ def smollm2_dir() -> Path:
     return gguf_to_pretrained(smollm2_gguf_path(), cache_root() / "smollm2")
 
 
-def _quantization_config(quantization: str | None) -> Any:
-    if quantization in (None, "", "none"):
+QUANTIZATIONS = ("none", "4bit", "8bit")
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where and how the base model is loaded for training (like PEFT's configs: frozen, checked).
+
+    Every CUDA-specific decision of flwr-ext lives here and in the loaders below; the training
+    loops only ask the model for its device. The build order that keeps LoRA weights training
+    (Opacus issue 820: moving a model after ``get_peft_model`` / ``make_private`` leaves the
+    optimizer and Opacus hooks on stale tensors) is: load onto :meth:`torch_device` (bitsandbytes
+    quantizes on load), :func:`prepare_for_training`, then ``apply_lora``, the optimizer and
+    ``make_private``; nothing moves the model afterwards.
+
+    Parameters
+    ----------
+    device : str
+        ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"``.
+        Run-config key ``device``.
+    dtype : {"auto", "fp32", "bf16", "fp16"}
+        Weight dtype of the unquantized base (and the compute dtype of 4-bit layers). ``"auto"``:
+        bf16 on a GPU that supports it, fp32 otherwise (CPU). Run-config key ``dtype``.
+    quantization : {"none", "4bit", "8bit"}
+        bitsandbytes loading for QLoRA (Dettmers et al. 2023): 4-bit NF4 with double
+        quantization, or LLM.int8(). Needs CUDA. Run-config key ``quantization``.
+    gradient_checkpointing : bool
+        Recompute activations in the backward pass (less memory, ~30% slower); enabled through
+        ``prepare_model_for_kbit_training`` for quantized models and ``gradient_checkpointing_
+        enable`` otherwise. Run-config key ``gradient-checkpointing``.
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: str = "none"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        dev = str(self.device).strip().lower()
+        if not (dev in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", dev)):
+            raise ValueError(
+                f"device must be 'auto', 'cpu', 'cuda' or 'cuda:<i>', got {self.device!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}"
+            )
+        if self.quantized and dev == "cpu":
+            raise ValueError(
+                f"quantization={self.quantization!r} (bitsandbytes) needs a CUDA device, "
+                "but device='cpu'"
+            )
+        object.__setattr__(self, "device", dev)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> DeviceConfig:
+        """Read the keys ``device``, ``dtype``, ``quantization``, ``gradient-checkpointing``.
+
+        All optional (defaults: ``auto``, ``auto``, ``none``, false).
+        """
+        return cls(
+            device=str(run_config.get("device", "auto") or "auto"),
+            dtype=str(run_config.get("dtype", "auto") or "auto").lower(),
+            quantization=str(run_config.get("quantization", "none") or "none").lower(),
+            gradient_checkpointing=_as_bool(run_config.get("gradient-checkpointing", False)),
+        )
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantization != "none"
+
+    def torch_device(self) -> torch.device:
+        """The device to load onto (:func:`resolve_device`)."""
+        return resolve_device(self.device)
+
+    def torch_dtype(self) -> torch.dtype:
+        """The weight dtype on :meth:`torch_device` (:func:`select_dtype`)."""
+        return select_dtype(self.dtype, self.torch_device())
+
+    def bnb_config(self) -> Any:
+        """The ``BitsAndBytesConfig`` (``None`` unquantized; :func:`quantization_config`)."""
+        return quantization_config(self.quantization, compute_dtype=self.torch_dtype())
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text not in ("true", "false", "1", "0", ""):
+            raise ValueError(f"gradient-checkpointing must be true or false, got {value!r}")
+        return text in ("true", "1")
+    return bool(value)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; others checked.
+
+    Raises
+    ------
+    RuntimeError
+        ``device`` names CUDA (or a GPU index) that this process cannot see.
+    """
+    spec = str(device).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"run-config key device={spec!r} asks for CUDA, but this process sees no CUDA GPU "
+                "(CPU-only torch build, or CUDA_VISIBLE_DEVICES hides it); use device='auto' or "
+                "'cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device={spec!r}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    return dev
+
+
+def select_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """Weight dtype: ``"auto"`` is bf16 on a CUDA GPU that supports it, fp32 elsewhere."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    chosen = DTYPES[dtype]
+    if chosen is not None:
+        return chosen
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def quantization_config(
+    quantization: str | None, compute_dtype: torch.dtype = torch.bfloat16
+) -> Any:
+    """The bitsandbytes ``BitsAndBytesConfig`` for ``quantization`` (``None`` when unquantized).
+
+    ``"4bit"``: NF4 with double quantization and ``compute_dtype`` matmuls (QLoRA, Dettmers et al.
+    2023); ``"8bit"``: LLM.int8().
+
+    Raises
+    ------
+    ValueError
+        An unknown value.
+    RuntimeError
+        4/8-bit asked for where no CUDA GPU is visible (bitsandbytes needs one); the message
+        names the run-config key ``quantization``.
+    """
+    quantization = "none" if quantization in (None, "") else str(quantization).lower()
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization == "none":
         return None
-    if quantization not in ("4bit", "8bit"):
-        raise ValueError(f"quantization must be None, '4bit' or '8bit', got {quantization!r}")
     if not torch.cuda.is_available():
         raise RuntimeError(
-            f"{quantization} loading uses bitsandbytes, which needs a CUDA GPU; none is available. "
-            "Load in fp32/bf16 instead (quantization=None)."
+            f"run-config key quantization={quantization!r} loads the base with bitsandbytes, "
+            "which needs a CUDA GPU, and this process sees none. Set quantization='none' "
+            "(fp32/bf16 LoRA) on this machine."
         )
     from transformers import BitsAndBytesConfig
 
@@ -188,7 +346,7 @@ def _quantization_config(quantization: str | None) -> Any:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=compute_dtype,
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 
@@ -213,9 +371,10 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     quantization: str | None = None,
     device_map: str | dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a causal LM.
+    """Load a causal LM, onto ``device`` when given.
 
     Parameters
     ----------
@@ -224,27 +383,58 @@ def load_causal_lm(
         a ``.gguf`` file (dequantized by transformers), a local ``save_pretrained`` directory, or a
         Hugging Face hub id (downloads unless ``HF_HUB_OFFLINE=1``).
     dtype : torch.dtype
-        Weight dtype (fp32 by default: CPU training).
-    quantization : {None, "4bit", "8bit"}
-        bitsandbytes loading for QLoRA (Dettmers et al. 2023). Needs CUDA; raises
-        ``RuntimeError`` on CPU-only machines.
+        Weight dtype of the unquantized parts (fp32 by default: CPU training), and the compute
+        dtype of 4-bit layers (pass bf16 for QLoRA's recipe; ``DeviceConfig`` does on GPUs).
+    quantization : {None, "none", "4bit", "8bit"}
+        bitsandbytes loading for QLoRA (Dettmers et al. 2023), quantized on load from the
+        (dequantized, cached) weights. Needs CUDA; raises ``RuntimeError`` on CPU-only machines.
     device_map : optional
-        Passed to ``from_pretrained`` (defaults to ``"auto"`` when quantizing).
+        Passed to ``from_pretrained``; when quantizing it defaults to the whole model on
+        ``device`` (or the current CUDA device).
+    device : str or torch.device, optional
+        Move the unquantized model there after loading (:func:`resolve_device` spellings).
     **kwargs
         Forwarded to ``AutoModelForCausalLM.from_pretrained``.
     """
-    qconfig = _quantization_config(quantization)
+    qconfig = quantization_config(quantization, compute_dtype=dtype)
+    target = resolve_device(device) if device is not None else None
     path, gguf_file = resolve_source(source)
-    if gguf_file is not None and qconfig is None:
-        return load_gguf(Path(path) / gguf_file, dtype=dtype)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        device_map = device_map or "auto"
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+        if device_map is None:
+            dev = target if target is not None and target.type == "cuda" else None
+            index = dev.index if dev is not None and dev.index is not None else None
+            device_map = {"": torch.cuda.current_device() if index is None else index}
+    if gguf_file is not None and qconfig is None:
+        model = load_gguf(Path(path) / gguf_file, dtype=dtype)
+    else:
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        if gguf_file is not None:
+            kwargs["gguf_file"] = gguf_file
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if target is not None and qconfig is None and device_map is None:
+        model = model.to(target)
+    return model
+
+
+def prepare_for_training(model: PreTrainedModel, placement: DeviceConfig) -> PreTrainedModel:
+    """Ready a loaded base for adapter training, before ``get_peft_model``.
+
+    Quantized bases go through PEFT's ``prepare_model_for_kbit_training`` (freezes the base, casts
+    the non-quantized weights such as norms and embeddings to fp32, makes the input embeddings'
+    output require grad so gradients reach the adapters; gradient checkpointing only if
+    ``placement.gradient_checkpointing``). Unquantized bases get gradient checkpointing if asked.
+    """
+    if placement.quantized:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=placement.gradient_checkpointing
+        )
+    if placement.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
     return model
 
 
@@ -264,9 +454,15 @@ def load_tokenizer(source: str, **kwargs: Any) -> PreTrainedTokenizerBase:
 
 
 def load_model_and_tokenizer(
-    source: str, seed: int = 0, **kwargs: Any
+    source: str, seed: int = 0, placement: DeviceConfig | None = None, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load model and tokenizer; ``source="tiny"`` gives :func:`tiny_llama` + ``tiny_tokenizer``."""
+    """Load model and tokenizer; ``source="tiny"`` gives :func:`tiny_llama` + ``tiny_tokenizer``.
+
+    With ``placement`` the model is loaded onto ``placement.torch_device()`` in its dtype
+    (quantized on load if asked) and passed through :func:`prepare_for_training`: the first step
+    of the device order (then ``apply_lora``, the optimizer, ``make_private``). Without it the
+    model is fp32 on the CPU, as before (``kwargs`` go to :func:`load_causal_lm`).
+    """
     if source == TINY:
         from flwr_ext.llm.tokenizer import tiny_tokenizer
 
@@ -274,5 +470,26 @@ def load_model_and_tokenizer(
         model = tiny_llama(
             len(tok), seed=seed, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
         )
-        return model, tok
-    return load_causal_lm(source, **kwargs), load_tokenizer(source)
+        if placement is None:
+            return model, tok
+        if placement.quantized:  # bitsandbytes quantizes in from_pretrained: go through a dir
+            with tempfile.TemporaryDirectory(prefix="flwr-ext-tiny-") as tmp:
+                model.save_pretrained(tmp)
+                model = _load_placed(tmp, placement)
+        else:
+            model = model.to(device=placement.torch_device(), dtype=placement.torch_dtype())
+        return prepare_for_training(model, placement), tok
+    if placement is None:
+        return load_causal_lm(source, **kwargs), load_tokenizer(source)
+    model = prepare_for_training(_load_placed(source, placement, **kwargs), placement)
+    return model, load_tokenizer(source)
+
+
+def _load_placed(source: str, placement: DeviceConfig, **kwargs: Any) -> PreTrainedModel:
+    return load_causal_lm(
+        source,
+        dtype=placement.torch_dtype(),
+        quantization=placement.quantization,
+        device=placement.torch_device(),
+        **kwargs,
+    )

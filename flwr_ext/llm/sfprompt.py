@@ -21,7 +21,9 @@ model split by :func:`~flwr_ext.llm.split.split_causal_lm`. One round for one cl
 
 Everything the client must remember between messages (weights, Adam moments, the pending batch,
 the kept indices, its own loss history) lives in ``context.state``, so a deployment that starts a
-fresh ClientApp process per message works; the model itself is cached per process.
+fresh ClientApp process per message works; the model itself is cached per process. The client
+computes on its split model's device (put the model there before ``split_causal_lm``); what it
+stores and sends is float32 NumPy, so CPU and GPU clients interoperate.
 The server side is :mod:`flwr_ext.llm.sfprompt_server`.
 """
 
@@ -38,6 +40,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr_ext.llm.data import ResponseOnlyCollator
 from flwr_ext.llm.sfprompt_prune import el2n_scores, top_gamma
 from flwr_ext.llm.split import TAIL_PREFIX, SplitModel, full_attention_mask
+from flwr_ext.llm.train import model_device, to_device
 
 # message types (``@app.train("forward")`` receives ``train.forward``)
 START, FORWARD, TAIL, BACKWARD, FINISH = (
@@ -81,8 +84,9 @@ class Adam:
                 continue
             g = p.grad.detach().float()
             t = steps.get(name, 0) + 1
-            m = torch.as_tensor(moments.get(f"m.{name}", np.zeros(p.shape, np.float32)))
-            v = torch.as_tensor(moments.get(f"v.{name}", np.zeros(p.shape, np.float32)))
+            zeros = np.zeros(p.shape, np.float32)
+            m = torch.as_tensor(moments.get(f"m.{name}", zeros)).to(g.device)
+            v = torch.as_tensor(moments.get(f"v.{name}", zeros)).to(g.device)
             m = self.beta1 * m + (1 - self.beta1) * g
             v = self.beta2 * v + (1 - self.beta2) * g * g
             m_hat = m / (1 - self.beta1**t)
@@ -93,7 +97,7 @@ class Adam:
                 else self.tail_lr
             )
             p.add_((-lr * m_hat / (v_hat.sqrt() + self.eps)).to(p.dtype))
-            moments[f"m.{name}"], moments[f"v.{name}"] = m.numpy(), v.numpy()
+            moments[f"m.{name}"], moments[f"v.{name}"] = m.cpu().numpy(), v.cpu().numpy()
             steps[name] = t
             p.grad = None
 
@@ -184,8 +188,18 @@ class SFPromptClient:
         order = np.random.default_rng(seed + self.partition_id).permutation(np.asarray(kept))
         return [int(i) for i in order[pos * self.batch_size : (pos + 1) * self.batch_size]]
 
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.split)
+
     def _batch(self, idx: Sequence[int]) -> dict[str, torch.Tensor]:
-        return self.collate([self.examples[i] for i in idx])
+        """The examples ``idx`` collated and moved to the split model's device."""
+        return to_device(self.collate([self.examples[i] for i in idx]), self.device)
+
+    def _local_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``local_forward`` on the model's device, logits back on the CPU (EL2N scoring)."""
+        dev = self.device
+        return self.split.local_forward(input_ids.to(dev), mask.to(dev)).float().cpu()
 
     # -- handlers ------------------------------------------------------------------------------
     def start(self, msg: Message, context: Context) -> Message:
@@ -198,7 +212,7 @@ class SFPromptClient:
         pruned_now = 0
         gamma = float(cfg.get("prune-gamma", 1.0))
         if gamma < 1.0 and bool(cfg.get("prune", False)) and "kept" not in meta:
-            scores = el2n_scores(self.split.local_forward, self.examples, self.pad_token_id)
+            scores = el2n_scores(self._local_logits, self.examples, self.pad_token_id)
             meta["kept"] = [int(i) for i in top_gamma(scores, gamma)]
             meta["pruned-round"] = rnd
             pruned_now = 1
@@ -243,7 +257,9 @@ class SFPromptClient:
         meta["batch"] = idx
         batch = self._batch(idx)
         hidden, mask = self.split.head(batch["input_ids"], batch["attention_mask"])
-        acts = to_record({"hidden": hidden.float().numpy(), "mask": mask.numpy().astype(np.int8)})
+        acts = to_record(
+            {"hidden": hidden.float().cpu().numpy(), "mask": mask.cpu().numpy().astype(np.int8)}
+        )
         meta["compute-s"] = float(meta.get("compute-s", 0.0)) + time.process_time() - t0
         return Message(RecordDict({ACTS: acts}), reply_to=msg)
 
@@ -253,14 +269,17 @@ class SFPromptClient:
         moments, steps = self._load(context)
         meta = self._meta(context)
         batch = self._batch(list(meta["batch"]))
-        body_out = torch.tensor(msg.content[BODY]["hidden"].numpy(), requires_grad=True)
+        dtype = self.split.head.embed_tokens.weight.dtype
+        body_out = torch.tensor(
+            msg.content[BODY]["hidden"].numpy(), dtype=dtype, device=self.device, requires_grad=True
+        )
         mask = full_attention_mask(batch["attention_mask"], self.split.num_virtual_tokens)
         loss = self.split.tail.loss(body_out, mask, batch["labels"])
         loss.backward()
         self._adam(meta).step(self.split.trainable_named_parameters(), moments, steps)
         meta["losses"] = [*meta.get("losses", []), float(loss.detach())]
         self._save(context, moments, steps)
-        grad = to_record({"grad": body_out.grad.numpy()})
+        grad = to_record({"grad": body_out.grad.float().cpu().numpy()})
         meta["compute-s"] = float(meta.get("compute-s", 0.0)) + time.process_time() - t0
         return Message(RecordDict({GRAD: grad}), reply_to=msg)
 
@@ -271,7 +290,8 @@ class SFPromptClient:
         meta = self._meta(context)
         batch = self._batch(list(meta["batch"]))
         hidden, _ = self.split.head(batch["input_ids"], batch["attention_mask"])
-        hidden.backward(torch.as_tensor(msg.content[GRAD]["grad"].numpy()))
+        cut_grad = torch.as_tensor(msg.content[GRAD]["grad"].numpy())
+        hidden.backward(cut_grad.to(hidden.device, hidden.dtype))
         self._adam(meta).step(self.split.trainable_named_parameters(), moments, steps)
         self._save(context, moments, steps)
         meta["compute-s"] = float(meta.get("compute-s", 0.0)) + time.process_time() - t0

@@ -107,8 +107,9 @@ class SoftPrompt(nn.Module):
             raise ValueError("num_virtual_tokens must be >= 1")
         gen = torch.Generator().manual_seed(seed)
         vocab = embed_tokens.weight.shape[0]
-        ids = torch.randint(0, vocab, (num_virtual_tokens,), generator=gen)
-        init = embed_tokens.weight.detach()[ids].clone().float()
+        ids = torch.randint(0, vocab, (num_virtual_tokens,), generator=gen)  # CPU: same everywhere
+        weight = embed_tokens.weight.detach()
+        init = weight[ids.to(weight.device)].clone().float()  # on the embeddings' device
         self.weight = nn.Parameter(init)
 
     def forward(self, batch_size: int) -> torch.Tensor:

@@ -1,10 +1,15 @@
-"""Local LoRA training loop and the learning-rate schedule across server rounds."""
+"""Local LoRA training loop and the learning-rate schedule across server rounds.
+
+The loops are device-agnostic: they follow the model's device (:func:`model_device`) and move
+each CPU-collated batch there (:func:`to_device`); where the model goes is decided once, when it
+is loaded (:class:`flwr_ext.llm.models.DeviceConfig`).
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -13,6 +18,20 @@ from torch.utils.data import DataLoader
 from flwr_ext.llm.data import IGNORE_INDEX, ResponseOnlyCollator
 
 SCHEDULES = ("constant", "cosine", "linear")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (where its inputs must go)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch on ``device`` (asynchronous copies from pinned memory where possible)."""
+    non_blocking = device.type != "cpu"
+    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
 
 
 def round_lr(
@@ -54,6 +73,9 @@ def train_lora(
 
     Batches are drawn from a seeded shuffle of ``examples``, cycling when exhausted. The loss is
     the model's token-mean cross-entropy on the response tokens (labels ``-100`` elsewhere).
+    Runs on the model's device (load the base there before ``apply_lora``: the optimizer is
+    built here, on the adapter as it is). Per-step losses stay on the device until the end, so a
+    GPU is not synchronised every step unless the progress bar shows them.
 
     Returns
     -------
@@ -75,8 +97,9 @@ def train_lora(
         generator=gen,
         collate_fn=ResponseOnlyCollator(pad_token_id),
     )
+    device = model_device(model)
     model.train()
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
     tokens = 0
     t0 = time.perf_counter()
     it = iter(loader)
@@ -91,27 +114,28 @@ def train_lora(
         except StopIteration:
             it = iter(loader)
             batch = next(it)
-        out = model(**batch)
+        tokens += int(batch["attention_mask"].sum())  # counted on the CPU copy: no device sync
+        out = model(**to_device(batch, device))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
-        losses.append(float(out.loss.detach()))
-        tokens += int(batch["attention_mask"].sum())
+        losses.append(out.loss.detach())
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{float(losses[-1]):.3f}")
     if bar is not None:
         bar.close()
+    values = torch.stack(losses).float().cpu().tolist() if losses else []  # waits for the device
     model.eval()
     dt = time.perf_counter() - t0
     return {
-        "loss": float(sum(losses) / len(losses)) if losses else float("nan"),
-        "last-loss": losses[-1] if losses else float("nan"),
+        "loss": float(sum(values) / len(values)) if values else float("nan"),
+        "last-loss": values[-1] if values else float("nan"),
         "tokens": tokens,
         "tokens-per-s": tokens / dt if dt > 0 else 0.0,
-        "steps": len(losses),
+        "steps": len(values),
         "seconds": dt,
     }
 
@@ -125,10 +149,11 @@ def response_loss(
 ) -> tuple[float, int]:
     """Token-weighted mean cross-entropy over the response tokens: ``(loss, n_tokens)``."""
     model.eval()
+    device = model_device(model)
     collate = ResponseOnlyCollator(pad_token_id)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size])
+        batch = to_device(collate(examples[i : i + batch_size]), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         logits = logits[:, :-1].float()

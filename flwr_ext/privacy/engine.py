@@ -24,19 +24,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+import secrets
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from logging import WARNING
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context
+from flwr.common import log
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .accounting import AccountantState, PrivacyBudgetExhausted, calibrate_noise
+from .accounting import (
+    OPACUS_ACCOUNTANTS,
+    AccountantState,
+    PrivacyBudgetExhausted,
+    calibrate_noise,
+)
 
 ADAPTER_MARKERS = ("lora_", "modules_to_save")
 """Substrings of parameter names that count as adapter parameters."""
@@ -45,6 +54,35 @@ GUARANTEE = (
     "record-level (example-level) (epsilon, delta)-DP of this client's training data, "
     "add/remove-one adjacency, composed over every DP-SGD step of every round this client trained"
 )
+
+NOT_A_CLAIM = (
+    "not a privacy claim: Poisson sampling and noise were seeded from the run config "
+    "(dp.insecure-reproducible), so anyone who knows it can recompute the batches and the noise"
+)
+"""The ``guarantee`` reported instead of :data:`GUARANTEE` under ``insecure_reproducible``."""
+
+
+def secret_generator() -> torch.Generator:
+    """A torch generator seeded with 63 bits of OS entropy (``secrets``), never a config seed.
+
+    Neither the server nor anyone who knows the run config can recompute the draws. This is not
+    Opacus' ``secure_mode`` (a CSPRNG for every draw plus noise robust to floating-point attacks,
+    Mironov 2012), which needs ``torchcsprng``; see docs/privacy.md.
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def seeded_generators(seed: int | Sequence[int]) -> tuple[torch.Generator, torch.Generator]:
+    """(sampling, noise) generators derived from ``seed`` by ``np.random.SeedSequence``.
+
+    Only for ``insecure_reproducible``: these draws are public to anyone who knows ``seed``.
+    """
+    entropy = [int(seed)] if isinstance(seed, int) else [int(s) for s in seed]
+    a, b = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint64)
+    return (
+        torch.Generator().manual_seed(int(a) >> 1),
+        torch.Generator().manual_seed(int(b) >> 1),
+    )
 
 
 @dataclass(frozen=True)
@@ -59,14 +97,21 @@ class DPConfig:
         Target delta; keep it below ``1 / num_examples``.
     max_grad_norm : float
         Per-sample clipping norm C.
-    accountant : {"rdp", "prv"}
-        Accountant that calibrates and reports. ``"rdp"`` (default here) is the conservative one;
-        Opacus' own default is ``"prv"``.
+    accountant : {"rdp", "prv", "pld"}
+        Accountant that calibrates and reports. ``"rdp"`` (default here) is the loosest upper
+        bound; ``"prv"`` (Opacus' own default) and ``"pld"`` (Google's dp-accounting) are
+        tighter, so the same budget buys less noise (see :mod:`flwr_ext.privacy.accounting`).
     max_physical_batch_size : int or None
         Split each Poisson-sampled logical batch into physical batches of at most this size
         (Opacus ``BatchMemoryManager``); ``None`` keeps whole logical batches.
     noise_multiplier : float or None
         Skip calibration and use this sigma (benchmarks, tests). The budget check still applies.
+    insecure_reproducible : bool
+        Draw Poisson batches and noise from generators seeded by the ``seed`` passed to
+        :meth:`DPLoRAEngine.make_private` (reproducible runs, debugging). INSECURE: whoever knows
+        the seed (the server knows the run config) can recompute batch membership and the noise,
+        which voids the guarantee; a warning is logged and the reported epsilon is marked as not
+        a privacy claim (``dp-privacy-claim`` 0). Default ``False``: both come from OS entropy.
     """
 
     target_epsilon: float
@@ -75,6 +120,7 @@ class DPConfig:
     accountant: str = "rdp"
     max_physical_batch_size: int | None = None
     noise_multiplier: float | None = None
+    insecure_reproducible: bool = False
 
     def __post_init__(self) -> None:
         if not self.target_epsilon > 0:
@@ -90,7 +136,8 @@ class DPConfig:
 
         Keys: ``dp.target-epsilon`` (required; missing, ``0`` or negative means DP off),
         ``dp.delta`` (1e-5), ``dp.max-grad-norm`` (1.0), ``dp.accountant`` ("rdp"),
-        ``dp.max-physical-batch-size`` (0 = no split), ``dp.noise-multiplier`` (0 = calibrate).
+        ``dp.max-physical-batch-size`` (0 = no split), ``dp.noise-multiplier`` (0 = calibrate),
+        ``dp.insecure-reproducible`` (false; true seeds sampling and noise from the run config).
         """
         eps = float(run_config.get(f"{prefix}target-epsilon", 0) or 0)
         if eps <= 0:
@@ -104,7 +151,16 @@ class DPConfig:
             accountant=str(run_config.get(f"{prefix}accountant", "rdp")),
             max_physical_batch_size=physical or None,
             noise_multiplier=sigma or None,
+            insecure_reproducible=_as_bool(run_config.get(f"{prefix}insecure-reproducible", False)),
         )
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false", "1", "0", ""):
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return value.lower() in ("true", "1")
+    return bool(value)
 
 
 def check_adapter_only(module: nn.Module) -> list[str]:
@@ -168,6 +224,8 @@ class DPLoRAEngine:
         self.sample_rate: float | None = None
         self.steps_per_round = 0
         self.device: torch.device | None = None
+        self.seeded = config.insecure_reproducible
+        """True when sampling or noise came from a seed: epsilon is then not a privacy claim."""
 
     @classmethod
     def from_context(cls, context: Context, config: DPConfig) -> DPLoRAEngine:
@@ -221,6 +279,7 @@ class DPLoRAEngine:
         expected_rounds: int = 1,
         noise_generator: torch.Generator | None = None,
         adapter_only: bool = True,
+        seed: int | Sequence[int] | None = None,
     ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
         """Wrap model, optimizer and loader for one round of DP-SGD on the adapter.
 
@@ -232,17 +291,23 @@ class DPLoRAEngine:
             Over the trainable parameters.
         data_loader : DataLoader
             Its ``batch_size`` is the expected logical batch size; it is replaced by a Poisson
-            sampler with rate ``q = 1 / len(data_loader)``.
+            sampler with rate ``q = 1 / len(data_loader)``. Its ``generator`` is ignored: the
+            sampler draws from :func:`secret_generator` (or, under ``insecure_reproducible``,
+            from ``seed``).
         steps_per_round : int
             DP-SGD (logical) steps this round; :meth:`batches` stops after that many.
         expected_rounds : int
             Rounds this client expects to train in the whole run; with ``steps_per_round`` they
             fix the noise multiplier in the first round.
         noise_generator : torch.Generator or None
-            For reproducible noise in tests only.
+            Overrides the noise source (tests only); the result is marked as not a privacy
+            claim like ``insecure_reproducible``.
         adapter_only : bool
             Refuse models whose trainable parameters are not all adapter parameters. Set
             ``False`` for plain DP-SGD on a small full model (the digits baseline).
+        seed : int, sequence of int or None
+            Entropy for ``np.random.SeedSequence`` (e.g. ``(run seed, round, partition)``); used
+            only under ``insecure_reproducible`` (required there), ignored otherwise.
 
         Returns
         -------
@@ -263,7 +328,27 @@ class DPLoRAEngine:
         self.state.noise_multiplier = self._noise(sample_rate, steps_per_round, expected_rounds)
         self.check_budget(sample_rate, steps_per_round)
 
-        engine = PrivacyEngine(accountant=self.state.accountant)
+        if self.config.insecure_reproducible:
+            if seed is None:
+                raise ValueError("insecure_reproducible needs a seed")
+            sampling, noise = seeded_generators(seed)
+            log(
+                WARNING,
+                "DP-SGD with INSECURE reproducible sampling and noise (dp.insecure-reproducible):"
+                " the reported epsilon is not a privacy claim",
+            )
+        else:
+            sampling, noise = secret_generator(), secret_generator()
+        if noise_generator is not None:
+            noise, self.seeded = noise_generator, True
+        # Opacus' DPDataLoader samples with the loader's generator when secure_mode is off
+        data_loader.generator = sampling
+        # Opacus keeps the history (the same triples for every accountant); the epsilon itself
+        # is always computed by compute_epsilon with the configured accountant
+        bookkeeping = (
+            self.state.accountant if self.state.accountant in OPACUS_ACCOUNTANTS else "rdp"
+        )
+        engine = PrivacyEngine(accountant=bookkeeping)
         engine.accountant.history = list(self.state.history)
         dp_module, dp_optimizer, dp_loader = engine.make_private(
             module=module,
@@ -273,7 +358,7 @@ class DPLoRAEngine:
             max_grad_norm=self.config.max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode="hooks",
-            noise_generator=noise_generator,
+            noise_generator=noise,
         )
         self.privacy_engine = engine
         self.optimizer = dp_optimizer
@@ -342,7 +427,8 @@ class DPLoRAEngine:
         """Scalars for the train reply's MetricRecord.
 
         ``dp-epsilon`` is the cumulative record-level epsilon at ``dp-delta``;
-        ``dp-epsilon-budget`` the target; ``dp-steps`` the DP-SGD steps composed so far.
+        ``dp-epsilon-budget`` the target; ``dp-steps`` the DP-SGD steps composed so far;
+        ``dp-privacy-claim`` 1, or 0 when sampling or noise were seeded (not a privacy claim).
         The accountant's name (a string) is in :meth:`info_record`.
         """
         eps = self.get_epsilon()
@@ -353,6 +439,7 @@ class DPLoRAEngine:
             "dp-noise-multiplier": float(self.state.noise_multiplier),
             "dp-steps": int(self.state.steps),
             "dp-max-grad-norm": float(self.config.max_grad_norm),
+            "dp-privacy-claim": 0.0 if self.seeded else 1.0,
         }
 
     def info_record(self) -> ConfigRecord:
@@ -360,7 +447,7 @@ class DPLoRAEngine:
         return ConfigRecord(
             {
                 "accountant": self.state.accountant,
-                "guarantee": GUARANTEE,
+                "guarantee": NOT_A_CLAIM if self.seeded else GUARANTEE,
                 "level": "record",
             }
         )

@@ -10,7 +10,9 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     """Flower's weighted mean of the clients' metrics, plus ``dp-epsilon-max``.
 
     A ``train_metrics_aggr_fn`` for Flower strategies. The mean of record-level epsilons is not a
-    guarantee; the maximum over the round's clients is what a reviewer reads.
+    guarantee; the maximum over the round's clients is what a reviewer reads. ``dp-privacy-claim``
+    is the minimum over the clients: 0 as soon as one client seeded its sampling or noise
+    (``dp.insecure-reproducible``), so the round's epsilon is then not a privacy claim.
     """
     out = aggregate_metricrecords(records, weight_key)
     eps = [
@@ -21,4 +23,12 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     ]
     if eps:
         out["dp-epsilon-max"] = max(eps)
+    claims = [
+        float(m["dp-privacy-claim"])
+        for rec in records
+        for m in rec.metric_records.values()
+        if "dp-privacy-claim" in m
+    ]
+    if claims:
+        out["dp-privacy-claim"] = min(claims)
     return out

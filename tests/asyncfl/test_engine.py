@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 import time
 
@@ -59,6 +60,24 @@ def test_fedbuff_flushes_by_hand():
     s = 2**-0.5
     x2 = x1 + 0.5 * (s * 1 + s * 2 + 1 * 3) / 3
     np.testing.assert_allclose(w(res), np.full((3, 4), x2), rtol=1e-6)
+    assert list(res.train_metrics_clientapp[2]["staleness"]) == [1, 1, 0]
+
+
+def test_fedbuff_momentum_flushes_by_hand():
+    """Server momentum is applied, not only kept: ``m <- beta m + step; x <- x + lr m``."""
+    grid = FakeGrid(shift_client, 3, seed=5)
+    res = FedBuff(
+        buffer_size=3, server_lr=0.5, staleness=polynomial(0.5), server_momentum=0.9
+    ).start(grid, init_arrays(), num_rounds=2, clock=vclock(), poll_interval=0)
+    # flush 1: m1 = mean(1, 2, 3) = 2, x1 = 0.5 * m1 (momentum starts from the first step)
+    m1 = (1 + 2 + 3) / 3
+    x1 = 0.5 * m1
+    # flush 2: staleness 1, 1, 0 as in test_fedbuff_flushes_by_hand
+    s = 2**-0.5
+    m2 = (s * 1 + s * 2 + 1 * 3) / 3 + 0.9 * m1
+    x2 = x1 + 0.5 * m2
+    np.testing.assert_allclose(w(res), np.full((3, 4), x2), rtol=1e-6)
+    np.testing.assert_allclose(res.arrays["b"].numpy(), np.full(2, x2), rtol=1e-6)
     assert list(res.train_metrics_clientapp[2]["staleness"]) == [1, 1, 0]
 
 
@@ -287,7 +306,7 @@ def test_max_time_and_factory():
         "buffer-size": 2,
         "profile": "exponential",
         "seed": 1,
-        "max-time": 0.5,
+        "max-time": 2.0,
         "staleness": "hinge",
         "max-staleness": 5,
     }
@@ -298,8 +317,15 @@ def test_max_time_and_factory():
         FakeGrid(random_client, 4), init_arrays(), num_rounds=1000, poll_interval=0, **kw
     )
     assert res.stop_reason == "max_time reached"
-    assert res.counters["final-time"] <= 0.5
-    assert all(r.time <= 0.5 for r in res.updates)
+    assert res.counters["final-time"] <= 2.0
+    assert all(r.time <= 2.0 for r in res.updates)
+    # lower bounds: the run went on until max_time with every node busy (a run that
+    # stops at t = 0, or after the first flush, fails here)
+    assert res.counters["final-time"] == pytest.approx(2.0)
+    assert res.counters["versions"] >= 3
+    assert res.counters["updates-applied"] == 2 * res.counters["versions"]
+    assert max(r.time for r in res.finished) > 1.5
+    assert [r.reason for r in res.updates if not r.valid] == ["in flight at the end"] * 4
     with pytest.raises(ValueError):
         build_strategy({"strategy": "nope"})
 
@@ -317,6 +343,18 @@ def test_csv_written(tmp_path):
     assert lines[0].startswith("time,wall_time,node,")
     assert len(lines) == 1 + len(res.updates)
     assert math.isfinite(res.counters["server-overhead-s"])
+    # the content: one row per record, in order, the same values
+    with (tmp_path / "u.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(res.updates) >= 5
+    for row, rec in zip(rows, res.updates, strict=True):
+        assert float(row["time"]) == pytest.approx(rec.time, rel=1e-12)
+        assert int(row["node"]) == rec.node and int(row["job"]) == rec.job
+        assert int(row["version_sent"]) == rec.version_sent
+        assert int(row["staleness"]) == rec.staleness
+        assert row["accepted"] == str(rec.accepted) and row["reason"] == rec.reason
+        assert int(row["bytes_up"]) == rec.bytes_up and row["msg_id"] == rec.msg_id
+    assert sum(row["accepted"] == "True" for row in rows) == 5
 
 
 def test_old_versions_released():

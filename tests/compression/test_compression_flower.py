@@ -198,6 +198,62 @@ def test_wrapper_uses_per_node_reference_and_writes_csv(tmp_path) -> None:
     assert len(lines) == 5
 
 
+class _PerNodeArrays(FedAvg):
+    """FedAvg that sends each node a different model (as async strategies do)."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        msgs = list(super().configure_train(server_round, arrays, config, grid))
+        for m in msgs:  # FedAvg's messages share one RecordDict: give each its own
+            node = m.metadata.dst_node_id
+            shifted = {k: Array(v.numpy() + np.float32(10 * node)) for k, v in arrays.items()}
+            m.content = RecordDict({"arrays": ArrayRecord(shifted), "config": m.content["config"]})
+        return msgs
+
+
+def test_wrapper_decodes_each_reply_against_the_arrays_its_node_was_sent(tmp_path) -> None:
+    """Different arrays per node: each reply decodes to its own reference + its delta."""
+    wrapper = Compressed(
+        _PerNodeArrays(fraction_evaluate=0.0, min_available_nodes=3), csv_path=tmp_path / "b.csv"
+    )
+    grid = FakeGrid([1, 2, 3])
+    arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
+    msgs = list(wrapper.configure_train(2, arrays, ConfigRecord(), grid))
+    sent = {m.metadata.dst_node_id: m.content["arrays"] for m in msgs}
+    assert sent[1]["w"].numpy()[0, 0] != sent[2]["w"].numpy()[0, 0]
+    mod = compression_mod("sparse-lora", include=("w", "b"), density=1.0)  # lossless
+    plain, replies = {}, []
+    for m in msgs:
+        node = m.metadata.dst_node_id
+        plain[node] = _trainer()(m, _context(node)).content["arrays"]
+        replies.append(mod(m, _context(node), _trainer()))
+    assert all(is_compressed(r.content["arrays"]) for r in replies)
+    up_bytes = {r.metadata.src_node_id: r.content["arrays"].count_bytes() for r in replies}
+    agg, metrics = wrapper.aggregate_train(2, replies)
+    assert metrics["dropped-replies"] == 0
+    for r in replies:  # decoded in place, each against its own node's arrays
+        node = r.metadata.src_node_id
+        for k in GLOBAL:
+            np.testing.assert_allclose(
+                r.content["arrays"][k].numpy(), plain[node][k].numpy(), atol=1e-6
+            )
+    weights = {n: 10 + n for n in (1, 2, 3)}
+    for k in GLOBAL:
+        want = sum(weights[n] * plain[n][k].numpy() for n in weights) / sum(weights.values())
+        np.testing.assert_allclose(agg[k].numpy(), want, atol=1e-5)
+    # the CSV has one row per message with the bytes that were actually on the wire
+    import csv
+
+    with (tmp_path / "b.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ups = {int(r["node_id"]): int(r["bytes"]) for r in rows if r["direction"] == "up"}
+    downs = [r for r in rows if r["direction"] == "down"]
+    assert len(rows) == 6 and len(downs) == 3
+    assert {int(r["server_round"]) for r in rows} == {2}
+    assert all(r["status"] == "ok" for r in rows if r["direction"] == "up")
+    for node, nbytes in ups.items():
+        assert abs(nbytes - up_bytes[node]) <= 64  # the record plus the metrics record
+
+
 def test_support_mean_averages_each_coordinate_over_its_senders() -> None:
     from flwr_ext.compression.server import support_mean
 

@@ -38,6 +38,17 @@ def _wait_exit(procs: list[ManagedProcess], timeout: float) -> None:
         time.sleep(0.5)
 
 
+def _wait_online(cluster: LocalCluster, node_id: int, timeout: float) -> list[dict]:
+    """Poll the SuperLink's node list (``flwr supernode list``) until ``node_id`` is online."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = cluster.list_supernodes()
+        if any(int(n["node-id"]) == node_id and n["status"] == "online" for n in nodes):
+            return nodes
+        assert time.monotonic() < deadline, f"node {node_id} not online: {nodes}"
+        time.sleep(2.0)
+
+
 def test_registered_node_online_others_refused(tmp_path):
     cluster = LocalCluster(tmp_path)
     extra: list[ManagedProcess] = []
@@ -62,16 +73,20 @@ def test_registered_node_online_others_refused(tmp_path):
             env=cluster._env(tmp_path / "untrusting-home"),
         )
         extra = [rogue, untrusting]
-        _wait_exit(extra, 90)
+        # state, not log text: the registered node is online in the SuperLink's node list; the
+        # two others give up (their retries, 2 x <= 30 s, bound this; margin for a loaded
+        # machine) with a failure exit status, and never appear in the list. Their log tails
+        # are only printed on failure (Flower's wording is not part of the contract). Each
+        # differs from the online node in one thing only: rogue in its key, untrusting in
+        # the CA it trusts.
+        _wait_online(cluster, good.node_id, 120)
+        _wait_exit(extra, 240)
 
         assert rogue.returncode not in (None, 0), rogue.tail()
-        assert "Failed to activate SuperNode" in rogue.tail()
         assert untrusting.returncode not in (None, 0), untrusting.tail()
-        assert "CERTIFICATE_VERIFY_FAILED" in untrusting.tail()
 
-        nodes = cluster.list_supernodes()
-        assert [int(n["node-id"]) for n in nodes] == [good.node_id]
-        assert nodes[0]["status"] == "online"
+        nodes = _wait_online(cluster, good.node_id, 60)
+        assert [int(n["node-id"]) for n in nodes] == [good.node_id], nodes
         assert good.proc.alive
     finally:
         for proc in extra:

@@ -26,8 +26,9 @@ TTL) is the other way a dead node's job ends. It must be generous: a SuperNode's
 a TTL expiry with ``max-failures=1`` retires a live node. The run may reach its last version
 before the dead node's job expires: ``drain-timeout`` makes the ServerApp wait for the jobs
 still in flight, so that job always ends the way it would mid-run. Both strategies run at once
-so the test waits for one timeout, not two. Nothing is awaited with a fixed sleep: the kill
-waits for the victim's next ClientApp, the checks for the runs' status.
+so the test waits for one timeout, not two. Nothing is awaited with a fixed sleep or on log
+text: the kill waits for the victim's next ClientApp process (the process table), the checks
+for the runs' status (``flwr list``) and the engine's files.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from flwr_ext.deploy.ledger import check_run
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "apps" / "async-vision"
 ROUNDS = 6
-TIMEOUT = 120.0  # per-job timeout and message TTL
+TIMEOUT = 180.0  # per-job timeout and message TTL (4x the slowest first job seen under load)
 DELAYS = (0.2, 0.5, 2.0)  # partitions 0, 1 and the victim (2); the newcomer (3) gets 0.2
 STRATEGIES = {
     "fedbuff": {"buffer-size": 2},
@@ -60,8 +61,23 @@ HEARTBEAT_REASONS = ("node unavailable", "node vanished")
 HEARTBEAT_MIN_S = 30.0  # a heartbeat is sent every ~24 s: offline >= 36 s after a kill
 
 
-def _clientapp_starts(handle: SuperNodeHandle) -> int:
-    return handle.proc.tail(10**7).count("Start `flwr-clientapp` process")
+class _ClientAppWatch:
+    """Distinct ``flwr-clientapp`` processes a SuperNode has run, from the process table.
+
+    The SuperNode starts one ClientApp process per message, and each one lives for the node's
+    ``delay-s`` plus its imports (seconds), so polling every 0.3 s sees every one of them. This
+    is state, not log text: it does not depend on how Flower words its log lines.
+    """
+
+    def __init__(self, cluster: LocalCluster, handle: SuperNodeHandle) -> None:
+        self.cluster, self.handle = cluster, handle
+        self.seen: set[int] = set()
+        self.running: list[int] = []
+
+    def poll(self) -> int:
+        self.running = self.cluster.clientapp_pids(self.handle)
+        self.seen.update(self.running)
+        return len(self.seen)
 
 
 def _wait_for(cond, timeout: float, what: str, cluster: LocalCluster, run_ids: dict) -> None:
@@ -124,9 +140,10 @@ def test_crash_and_join_during_fedbuff_and_fedcompass_runs(tmp_path):
         statuses: dict[str, dict] = {}
         try:
             # one ClientApp per run for the first jobs; a third one means a reply was handled
-            # and the victim is training its next job
+            # and the victim is training its next job (the third process is running now)
+            watch = _ClientAppWatch(cluster, victim)
             _wait_for(
-                lambda: _clientapp_starts(victim) >= len(STRATEGIES) + 1,
+                lambda: watch.poll() >= len(STRATEGIES) + 1 and bool(watch.running),
                 600,
                 "the victim's next job",
                 cluster,

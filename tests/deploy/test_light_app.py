@@ -51,6 +51,15 @@ def test_partitions_are_disjoint_and_cover_the_training_set(task):
     sizes = [len(task.partition(i, 7)[1]) for i in range(7)]
     assert sum(sizes) == n_train
     assert max(sizes) - min(sizes) <= 1
+    # disjoint and an exact cover of the training rows: identify each image by its row
+    # (sklearn's digits contain a few duplicate images, so match rows by bytes with counts)
+    from collections import Counter
+
+    train_rows = Counter(row.tobytes() for row in x_all[:n_train])
+    got = Counter(row.tobytes() for i in range(7) for row in task.partition(i, 7)[0])
+    assert got == train_rows
+    # and the server's held-out rows are the rows no partition draws from
+    np.testing.assert_array_equal(task.held_out_set()[0], x_all[n_train:])
     with pytest.raises(ValueError):
         task.partition(7, 7)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 from fedit_llm.config import client_rank, validate
-from fedit_llm.server_app import build_strategy, innermost
+from fedit_llm.server_app import build_strategy
 
-from flwr_ext.privacy import DPCompressionError
+from flwr_ext.wrappers import innermost
 
 from .fedit_helpers import config
 
@@ -41,21 +41,30 @@ def test_strategy_choices(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"aggregation": "mean-of-products"}, "aggregation must be one of"),
-        ({"strategy": "fedprox"}, "strategy must be one of"),
-        ({"compression": "zip"}, "compression must be one of"),
-        ({"local-steps": 0}, "local-steps must be > 0"),
-        ({"batch-size": "four"}, "batch-size must be an integer"),
-        ({"learning-rate": -1.0}, "learning-rate must be > 0"),
-        ({"lr-schedule": "step"}, "lr-schedule must be one of"),
+        (
+            {"aggregation": "mean-of-products"},
+            "aggregation = 'mean-of-products' is not allowed; expected one",
+        ),
+        ({"strategy": "fedprox"}, "strategy = 'fedprox' is not allowed; expected one of"),
+        ({"compression": "zip"}, "compression = 'zip' is not allowed; expected a compression"),
+        ({"local-steps": 0}, "local-steps = 0 is not allowed; expected an integer >= 1"),
+        ({"batch-size": "four"}, "batch-size = 'four' is not allowed; expected an integer"),
+        ({"learning-rate": -1.0}, "learning-rate = -1.0 is not allowed; expected a number > 0"),
+        ({"lr-schedule": "step"}, "lr-schedule = 'step' is not allowed; expected one of"),
         ({"fraction-train": 1.5}, "fraction-train"),
-        ({"dp.target-epsilon": 3.0, "dp.delta": 2.0}, "delta must be in"),
-        ({"dp.target-epsilon": 3.0, "dp.max-grad-norm": 0.0}, "max_grad_norm"),
+        (
+            {"dp.target-epsilon": 3.0, "dp.delta": 2.0},
+            "dp.delta = 2.0 is not allowed; expected a number in",
+        ),
+        ({"dp.target-epsilon": 3.0, "dp.max-grad-norm": 0.0}, "dp.max-grad-norm = 0.0"),
         ({"aggregation": "flora", "flora-ranks": "4,x"}, "flora-ranks"),
-        ({"aggregation": "flora", "strategy": "fedbuff"}, "flora stacks synchronous"),
+        ({"aggregation": "flora", "strategy": "fedbuff"}, "with aggregation flora"),
         ({"aggregation": "flora", "compression": "sparse-lora"}, "without compression"),
-        ({"dp.client-noise-multiplier": 1.0, "strategy": "fedbuff"}, "needs strategy fedavg"),
-        ({"lora-layers": "top4"}, "lora-layers: lora layers must look like"),
+        (
+            {"dp.client-noise-multiplier": 1.0, "strategy": "fedbuff"},
+            "with dp.client-noise-multiplier",
+        ),
+        ({"lora-layers": "top4"}, "lora-layers = 'top4' is not allowed; lora layers must"),
         ({"lora-layers": "last:0"}, "lora-layers"),
     ],
 )
@@ -71,12 +80,12 @@ def test_missing_key_is_named(tmp_path):
         validate(cfg)
 
 
-def test_dp_compression_order_is_checked_at_start(tmp_path):
-    # client-level DP adds noise at the server, after compression: top-k would leak
+def test_dp_compression_allowed_with_server_side_clipping(tmp_path):
+    # central client-level DP: the trusted server decodes, clips each update to C, then noises
+    # (Compressed outermost), so every preset keeps the sensitivity bound (docs/privacy.md)
     cdp = {"dp.client-noise-multiplier": 1.0, "compression": "sparse-lora"}
-    with pytest.raises(DPCompressionError):
-        validate(config(tmp_path, **cdp))
-    # record-level DP-SGD noises on the client before the mod compresses: allowed
+    s = build_strategy(validate(config(tmp_path, **cdp)))
+    assert _names(s) == ["Compressed", "ClientLevelDP", "FedAvg"]
     validate(config(tmp_path, **cdp, **{"dp.target-epsilon": 8.0}))
     validate(config(tmp_path, **{"dp.client-noise-multiplier": 1.0, "compression": "qsgd-8bit"}))
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from fedit_llm.config import build_model, validate
-from fedit_llm.server_app import build_strategy, innermost
+from fedit_llm.server_app import build_strategy
 
 from flwr_ext.llm.checkpoint import (
     load_checkpoint,
@@ -16,6 +16,7 @@ from flwr_ext.llm.checkpoint import (
     strategy_state,
 )
 from flwr_ext.llm.lora import adapter_state, count_params
+from flwr_ext.wrappers import innermost
 
 from .fedit_helpers import config, run
 

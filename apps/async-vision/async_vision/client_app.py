@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from async_vision.settings import validate
 from flwr_ext.compression import compression_mod
 from flwr_ext.data.images import load_partition, load_test_set, to_tensors
 from flwr_ext.vision import DigitsCNN, evaluate, train_local
@@ -25,7 +26,7 @@ app = ClientApp(mods=[compression_mod(None)])
 
 
 def _setup(msg: Message, context: Context) -> tuple[DigitsCNN, torch.Tensor, torch.Tensor]:
-    cfg = context.run_config
+    cfg = validate(context.run_config)
     torch.set_num_threads(int(cfg.get("torch-threads", 1)))
     model = DigitsCNN()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
@@ -54,7 +55,7 @@ def train(msg: Message, context: Context) -> Message:
     if delay > 0:
         time.sleep(delay)
     model, x, y = _setup(msg, context)
-    cfg = context.run_config
+    cfg = validate(context.run_config)
     pid = int(context.node_config["partition-id"])
     sent = msg.content["config"]
     server_round = int(sent.get("server-round", 0))

@@ -1,7 +1,10 @@
 """ServerApp: builds the strategy named in the run config and runs it.
 
-Run-config keys are documented in this app's README. Results (centralized accuracy per model
-update, per-update records as CSV, engine counters) are written to ``output-dir`` when set.
+Run-config keys are documented in this app's README and checked by
+:func:`async_vision.settings.validate` before anything is sent; every strategy named in
+``strategy`` is built (its constructor's checks run) before the first one starts. Results
+(centralized accuracy per model update, per-update records as CSV, engine counters) are written
+to ``output-dir`` when set.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from async_vision.client_app import centralized_test_set
+from async_vision.settings import validate
 from flwr_ext.asyncfl import AsyncResult, AsyncStrategy
 from flwr_ext.compression import Compressed, get_preset
 from flwr_ext.compression.accounting import write_update_bytes
+from flwr_ext.compression.hints import explain_missing_decoder
 from flwr_ext.results import save_result
 from flwr_ext.strategies import build_strategy
 from flwr_ext.strategies.factory import build_start_kwargs
@@ -28,7 +33,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Build the strategy from the run config, start it, save the result."""
-    cfg = context.run_config
+    cfg = validate(context.run_config)
+    # ``strategy`` may list several (comma-separated): they run one after the other on the
+    # same SuperNodes, each from the same initial model and a fresh clock (used by the demo).
+    # All are built first, so a bad setting of the last one fails before the first one runs.
+    names = str(cfg.get("strategy", "fedavg")).split(",")
+    runs = [_build({**cfg, "strategy": name}) for name in names]
     torch.set_num_threads(int(cfg.get("torch-threads", 1)))
     torch.manual_seed(int(cfg.get("seed", 0)))
     x_test, y_test = centralized_test_set(
@@ -41,38 +51,45 @@ def main(grid: Grid, context: Context) -> None:
         loss, acc = evaluate(model, x_test, y_test)
         return MetricRecord({"loss": loss, "accuracy": acc})
 
-    # ``strategy`` may list several (comma-separated): they run one after the other on the
-    # same SuperNodes, each from the same initial model and a fresh clock (used by the demo).
-    for name in [s.strip() for s in str(cfg.get("strategy", "fedavg")).split(",") if s.strip()]:
-        run_cfg = {**cfg, "strategy": name}
+    for run_cfg, strategy, start_kwargs in runs:
         torch.manual_seed(int(cfg.get("seed", 0)))
-        result = _run_strategy(grid, run_cfg, evaluate_fn)
+        result = _run_strategy(grid, run_cfg, strategy, start_kwargs, evaluate_fn)
         if cfg.get("output-dir"):
-            _save(result, Path(str(cfg["output-dir"])), name)
+            _save(result, Path(str(cfg["output-dir"])), run_cfg["strategy"])
 
 
-def _run_strategy(grid: Grid, cfg: dict, evaluate_fn) -> object:
-    train_config = ConfigRecord({"lr": float(cfg.get("learning-rate", 0.05))})
-    if int(cfg.get("local-steps", 0)) > 0:
-        train_config["local-steps"] = int(cfg["local-steps"])
-    strategy = build_strategy(cfg)
+def _build(cfg: dict) -> tuple[dict, object, dict]:
+    """The strategy of ``cfg["strategy"]`` and its ``start`` keywords (constructors' checks)."""
+    try:
+        strategy = build_strategy(cfg)
+        start_kwargs = build_start_kwargs(cfg)
+    except ValueError as exc:
+        raise ValueError(f"run config of strategy {cfg['strategy']!r}: {exc}") from None
     compression = str(cfg.get("compression", "none") or "none")
-    get_preset(compression)  # fail early on an unknown preset name
+    get_preset(compression)  # checked by validate; kept for callers that skip it
     if compression != "none" and not isinstance(strategy, AsyncStrategy):
         # a Flower strategy: decode replies before it aggregates. Async strategies decode in
         # the engine (flwr_ext.asyncfl.validate) against the model version each node was sent.
         out = str(cfg.get("output-dir", ""))
         csv = Path(out) / f"{cfg['strategy']}-bytes.csv" if out else None
         strategy = Compressed(strategy, csv_path=csv)
-    return strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(DigitsCNN().state_dict()),
-        num_rounds=int(cfg.get("num-server-rounds", 5)),
-        timeout=float(cfg.get("timeout", 3600)),
-        train_config=train_config,
-        evaluate_fn=evaluate_fn,
-        **build_start_kwargs(cfg),
-    )
+    return cfg, strategy, start_kwargs
+
+
+def _run_strategy(grid: Grid, cfg: dict, strategy, start_kwargs: dict, evaluate_fn) -> object:
+    train_config = ConfigRecord({"lr": float(cfg.get("learning-rate", 0.05))})
+    if int(cfg.get("local-steps", 0)) > 0:
+        train_config["local-steps"] = int(cfg["local-steps"])
+    with explain_missing_decoder():  # a Flower strategy meeting compressed replies says why
+        return strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(DigitsCNN().state_dict()),
+            num_rounds=int(cfg.get("num-server-rounds", 5)),
+            timeout=float(cfg.get("timeout", 3600)),
+            train_config=train_config,
+            evaluate_fn=evaluate_fn,
+            **start_kwargs,
+        )
 
 
 def _save(result, out: Path, name: str) -> None:

@@ -6,8 +6,9 @@ base and sends back its own rank-``r_k`` adapter). The frozen base never leaves 
 
 Every setting comes from ``context.run_config`` (defaults in ``pyproject.toml``):
 
-* ``dp.target-epsilon > 0`` trains with record-level DP-SGD (:mod:`flwr_ext.llm.dp_train`) and
-  reports the cumulative ``dp-epsilon``; a spent budget raises ``PrivacyBudgetExhausted``, which
+* ``dp.target-epsilon > 0`` trains with record-level DP-SGD (:func:`flwr_ext.llm.local.local_train`
+  -> :mod:`flwr_ext.llm.dp_train`; Poisson batches and noise from OS entropy) and reports the
+  cumulative ``dp-epsilon``; a spent budget raises ``PrivacyBudgetExhausted``, which
   Flower returns as an error reply.
 * ``compression`` names a :mod:`flwr_ext.compression` preset; the mod below encodes the reply
   after training, so with DP the order is clip, noise, then compress.
@@ -26,11 +27,9 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from fedit_llm.config import build_model, client_rank, validate
 from flwr_ext.compression import compression_mod
 from flwr_ext.llm.data import DataStats
-from flwr_ext.llm.dp_train import train_lora_dp
+from flwr_ext.llm.local import local_train
 from flwr_ext.llm.lora import adapter_state, base_weights, load_adapter_state, merge_stack
-from flwr_ext.llm.tasks import client_records, lr_at, tokenize
-from flwr_ext.llm.train import train_lora
-from flwr_ext.privacy import DPConfig
+from flwr_ext.llm.tasks import client_records, tokenize
 
 _CACHE: dict[tuple, Any] = {}
 _MODS: dict[tuple[str, int], Mod] = {}
@@ -63,44 +62,6 @@ def run_config_compression(msg: Message, context: Context, call_next: ClientAppC
 
 
 app = ClientApp(mods=[run_config_compression])
-
-
-def local_train(  # noqa: PLR0913
-    cfg: Mapping[str, Any],
-    model: torch.nn.Module,
-    pad_token_id: int,
-    examples: list,
-    context: Context,
-    rnd: int,
-    pid: int,
-    steps: int,
-) -> dict[str, Any]:
-    """One round of partition ``pid``'s local training in round ``rnd``, as the app runs it.
-
-    Non-private ``train_lora``, or record-level DP-SGD (``train_lora_dp``, accountant in
-    ``context.state``) when ``dp.target-epsilon > 0``. Returns the loop's figures plus ``lr``
-    (and the DP ``info`` record).
-    """
-    lr = lr_at(cfg, rnd)
-    seed = int(cfg["seed"]) * 1_000_003 + rnd * 1009 + pid
-    common = dict(steps=steps, batch_size=int(cfg["batch-size"]), lr=lr, seed=seed)
-    dp = DPConfig.from_run_config(cfg)
-    if dp is None:
-        out = train_lora(
-            model,
-            examples,
-            pad_token_id,
-            progress=bool(cfg.get("progress", False)),
-            desc=f"client {pid} round {rnd}",
-            **common,
-        )
-    else:
-        expected = int(cfg.get("dp.expected-rounds", 0) or cfg["num-server-rounds"])
-        out = train_lora_dp(
-            model, examples, pad_token_id, context=context, dp=dp, expected_rounds=expected,
-            **common,
-        )  # fmt: skip
-    return {**out, "lr": lr}
 
 
 @app.train()

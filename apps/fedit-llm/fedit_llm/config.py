@@ -4,9 +4,10 @@ The data, tokenization, learning-rate and evaluation keys it shares with sfpromp
 :mod:`flwr_ext.llm.tasks`.
 
 The defaults live in the app's ``pyproject.toml`` (``[tool.flwr.app.config]``); ``flwr run
---run-config`` or :func:`flwr_ext.sim.fused_run_config` override them. :func:`validate` checks a
-run config once, at the start of every ServerApp / ClientApp call, and raises ``ValueError`` with
-the offending key.
+--run-config`` or :func:`flwr_ext.sim.fused_run_config` override them. :data:`SETTINGS` holds
+the rule of every key (:mod:`flwr_ext.settings`); :func:`validate` checks a run config once, at the
+start of every ServerApp / ClientApp call, and raises a ``ValueError`` that names the key, the value
+and what is allowed.
 """
 
 from __future__ import annotations
@@ -15,9 +16,22 @@ from collections.abc import Mapping
 from typing import Any
 
 from flwr_ext.llm.lora import apply_lora, parse_layers
-from flwr_ext.llm.models import load_model_and_tokenizer
-from flwr_ext.llm.templates import TEMPLATES
-from flwr_ext.llm.train import SCHEDULES
+from flwr_ext.llm.models import DeviceConfig, load_model_and_tokenizer
+from flwr_ext.settings import (
+    ASYNC_ENGINE,
+    ASYNC_ENGINE_RULES,
+    LLM_TASK,
+    LLM_TASK_RULES,
+    SettingError,
+    boolean,
+    choice,
+    compression_setting,
+    integer,
+    number,
+    passthrough,
+    text,
+)
+from flwr_ext.settings import validate as validate_settings
 
 AGGREGATIONS = ("fedit", "ffa", "flora")
 STRATEGIES = ("fedavg", "fedadam", "fedavg-timed", "fedasync", "fedbuff", "fedcompass")
@@ -32,21 +46,6 @@ REQUIRED = (
     "num-server-rounds", "local-steps", "batch-size", "learning-rate", "lr-schedule",
     "min-learning-rate", "checkpoint-every", "output-dir", "compression", "seed",
 )  # fmt: skip
-
-
-def _positive(cfg: Mapping[str, Any], key: str, kind: type = int, zero: bool = False) -> None:
-    try:
-        value = kind(cfg[key])
-    except (TypeError, ValueError):
-        what = "an integer" if kind is int else "a number"
-        raise ValueError(f"{key} must be {what}, got {cfg[key]!r}") from None
-    if value < 0 or (value == 0 and not zero):
-        raise ValueError(f"{key} must be {'>= 0' if zero else '> 0'}, got {cfg[key]!r}")
-
-
-def _choice(cfg: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> None:
-    if str(cfg[key]).lower() not in choices:
-        raise ValueError(f"{key} must be one of {choices}, got {cfg[key]!r}")
 
 
 def flora_ranks(cfg: Mapping[str, Any]) -> list[int]:
@@ -79,74 +78,118 @@ def client_level_dp(cfg: Mapping[str, Any]) -> bool:
     return float(cfg.get("dp.client-noise-multiplier", 0) or 0) > 0
 
 
-def validate(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a run config and return it as a plain dict.
+def _check_flora_ranks(text: str) -> None:
+    try:
+        flora_ranks({"flora-ranks": text, "lora-r": 1})
+    except ValueError:
+        raise ValueError("expected comma-separated positive ints ('4,8') or ''") from None
 
-    Keys not listed in the app's pyproject are kept: flwr-ext's async strategies read their own
-    (``buffer-size``, ``staleness``, ``clock``, ...).
 
-    Raises
-    ------
-    ValueError
-        A missing key or a value out of range, naming the key.
-    """
-    from flwr_ext.compression import PRESETS
+def _check_lora_layers(text: str) -> None:
+    # syntax only here; build_model checks the indices against the model's layers
+    parse_layers(str(text or ""), num_layers=1 << 30)
+
+
+SETTINGS = (
+    *ASYNC_ENGINE,
+    *LLM_TASK,
+    integer("lora-r", low=1),
+    number("lora-alpha", low=0, low_open=True),
+    text("lora-targets", nonempty=True),
+    number("lora-dropout", low=0, high=1, high_open=True),
+    text("lora-layers", check=_check_lora_layers),  # "" | "last:4" | "26-29" | "0,5"
+    choice("aggregation", AGGREGATIONS),
+    text("flora-ranks", check=_check_flora_ranks),
+    choice("strategy", STRATEGIES),
+    number("fraction-train", low=0, high=1, low_open=True),
+    integer("local-steps", low=1),
+    number("fedadam-eta", low=0, low_open=True),
+    number("fedadam-eta-l", low=0, low_open=True),
+    number("fedadam-tau", low=0, low_open=True),
+    integer("checkpoint-every", low=0),
+    text("resume-from"),
+    compression_setting(),
+    boolean("progress"),
+    # record-level DP-SGD (flwr_ext.privacy.DPConfig reads them; 0 = off)
+    number("dp.target-epsilon", low=0),
+    number("dp.delta", low=0, high=1, low_open=True, high_open=True),
+    number("dp.max-grad-norm", low=0, low_open=True),
+    choice("dp.accountant", ("rdp", "prv")),
+    integer("dp.max-physical-batch-size", low=0),
+    number("dp.noise-multiplier", low=0),
+    integer("dp.expected-rounds", low=0),
+    boolean("dp.insecure-reproducible"),  # seeded batches and noise: NOT private (tests)
+    # client-level DP at the server (ClientLevelDP)
+    number("dp.client-noise-multiplier", low=0),
+    number("dp.client-clipping-norm", low=0, low_open=True),
+    number("dp.client-delta", low=0, high=1, low_open=True, high_open=True),
+    # placement of the base model: flwr_ext.llm.models.DeviceConfig checks them
+    passthrough("device"),
+    passthrough("dtype"),
+    passthrough("quantization"),
+    passthrough("gradient-checkpointing"),
+)
+
+
+def _combinations(cfg: dict[str, Any]) -> None:
+    """Keys that are only wrong together (DP, FLoRA, compression, placement)."""
     from flwr_ext.privacy import DPConfig, check_dp_compression
 
-    cfg = dict(run_config)
-    missing = [k for k in REQUIRED if k not in cfg]
-    if missing:
-        raise ValueError(f"run config lacks {missing}; start from apps/fedit-llm/pyproject.toml")
-    cfg["aggregation"] = str(cfg["aggregation"]).lower()
-    cfg["strategy"] = str(cfg["strategy"]).lower()
-    _choice(cfg, "aggregation", AGGREGATIONS)
-    _choice(cfg, "strategy", STRATEGIES)
-    _choice(cfg, "template", TEMPLATES)
-    _choice(cfg, "partitioner", PARTITIONERS)
-    _choice(cfg, "lr-schedule", SCHEDULES)
-    for key in ("num-server-rounds", "local-steps", "batch-size", "lora-r", "max-length"):
-        _positive(cfg, key)
-    for key in ("learning-rate", "lora-alpha"):
-        _positive(cfg, key, float)
-    _positive(cfg, "min-learning-rate", float, zero=True)
-    _positive(cfg, "checkpoint-every", int, zero=True)
-    if not 0 < float(cfg["fraction-train"]) <= 1:
-        raise ValueError(f"fraction-train must be in (0, 1], got {cfg['fraction-train']!r}")
-    preset = str(cfg["compression"] or "none")
-    if preset not in PRESETS:
-        raise ValueError(f"compression must be one of {sorted(PRESETS)}, got {preset!r}")
-    cfg["compression"] = preset
-    flora_ranks(cfg)
-    try:  # syntax only here; build_model checks the indices against the model's layers
-        parse_layers(str(cfg.get("lora-layers", "") or ""), num_layers=1 << 30)
+    try:  # optional keys; CUDA itself is checked where the model is loaded (maybe a GPU node)
+        placement = DeviceConfig.from_run_config(cfg)
     except ValueError as exc:
-        raise ValueError(f"lora-layers: {exc}") from None
+        raise ValueError(f"device/dtype/quantization run-config keys: {exc}") from None
+    if placement.quantized and cfg["aggregation"] == "flora":
+        raise ValueError("aggregation flora merges into the base weights: use quantization none")
     try:
         dp = DPConfig.from_run_config(cfg)
     except ValueError as exc:
         raise ValueError(f"dp.* run-config keys: {exc}") from None
     client_dp = client_level_dp(cfg)
-    if client_dp:
-        _positive(cfg, "dp.client-clipping-norm", float)
-        if cfg["strategy"] != "fedavg":
-            raise ValueError("dp.client-noise-multiplier (client-level DP) needs strategy fedavg")
+    if client_dp and cfg["strategy"] != "fedavg":
+        raise SettingError(
+            "strategy", cfg["strategy"], "'fedavg' with dp.client-noise-multiplier > 0"
+        )
+    preset = cfg["compression"]
     # clip, noise, then compress: refuse data-dependent sparsification of un-noised updates
     check_dp_compression(preset, record_level=dp is not None, client_level=client_dp)
     if cfg["aggregation"] == "flora":
         if cfg["strategy"] != "fedavg":
-            raise ValueError("aggregation flora stacks synchronous rounds: use strategy fedavg")
+            raise SettingError("strategy", cfg["strategy"], "'fedavg' with aggregation flora")
         if preset != "none" or client_dp:
             raise ValueError("aggregation flora works without compression and client-level DP")
-    return cfg
+
+
+def validate(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a run config against :data:`SETTINGS` and return it as a plain dict (converted).
+
+    Keys that no rule names are kept (and reported in one warning).
+
+    Raises
+    ------
+    ValueError
+        A missing key or a value out of range, naming the key, the value and what is allowed.
+    """
+    cfg = dict(run_config)
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"run config lacks {missing}; start from apps/fedit-llm/pyproject.toml")
+    cfg["compression"] = str(cfg["compression"] or "none")
+    rules = (*ASYNC_ENGINE_RULES, *LLM_TASK_RULES, _combinations)
+    return validate_settings(cfg, SETTINGS, rules, app="fedit-llm")
 
 
 def build_model(cfg: Mapping[str, Any], rank: int | None = None):
     """Base model + tokenizer + LoRA adapter as the config says (FFA freezes ``lora_A``).
 
-    The base is loaded (onto the CPU) before ``get_peft_model``; nothing moves it afterwards, which
-    is the order Opacus needs (issue 820).
+    The base is loaded onto its device (run-config keys ``device``, ``dtype``, ``quantization``,
+    ``gradient-checkpointing``: :class:`~flwr_ext.llm.models.DeviceConfig`) before
+    ``get_peft_model``; nothing moves it afterwards, which is the order Opacus needs (issue 820).
     """
-    model, tok = load_model_and_tokenizer(str(cfg["model"]), seed=int(cfg["model-seed"]))
+    placement = DeviceConfig.from_run_config(cfg)
+    model, tok = load_model_and_tokenizer(
+        str(cfg["model"]), seed=int(cfg["model-seed"]), placement=placement
+    )
     r = int(cfg["lora-r"]) if rank is None else rank
     peft_model = apply_lora(
         model,

@@ -45,6 +45,7 @@ from flwr_ext.llm.lora import (
 from flwr_ext.llm.tasks import evaluate, tokenize, train_eval_records
 from flwr_ext.privacy import ClientLevelDP, aggregate_train_metrics
 from flwr_ext.strategies import FLoRA
+from flwr_ext.wrappers import innermost
 
 
 def build_strategy(cfg: Mapping[str, Any]) -> Any:
@@ -86,13 +87,6 @@ def build_strategy(cfg: Mapping[str, Any]) -> Any:
     # Always outermost: decodes compressed replies, and counts uplink/downlink bytes with
     # ArrayRecord.count_bytes() for uncompressed ones too (they pass through untouched).
     return Compressed(strategy)
-
-
-def innermost(strategy: Any) -> Any:
-    """The strategy under the ``Compressed`` / ``ClientLevelDP`` wrappers (holds FedAdam state)."""
-    while "strategy" in vars(strategy):
-        strategy = vars(strategy)["strategy"]
-    return strategy
 
 
 def _arrays(state: Mapping[str, Any]) -> ArrayRecord:
