@@ -67,6 +67,11 @@ _ERROR_NAMES = {
     ErrorCode.MOD_FAILED_PRECONDITION: "mod failed precondition",
     ErrorCode.CLIENT_APP_CRASHED: "ClientApp crashed",
 }
+#: Errors that are no fault of the node (its message waited in a queue too long).
+_NOT_CHARGED = {
+    _ERROR_NAMES[ErrorCode.MESSAGE_UNAVAILABLE],
+    _ERROR_NAMES[ErrorCode.REPLY_MESSAGE_UNAVAILABLE],
+}
 
 
 class AsyncEngine:
@@ -106,7 +111,10 @@ class AsyncEngine:
         self.queue = EventQueue()
         self.versions = VersionStore()
         self.intake = Intake(
-            strategy.weighted_by_key, options.max_reply_bytes, options.replies_are_deltas
+            strategy.weighted_by_key,
+            options.max_reply_bytes,
+            options.replies_are_deltas,
+            options.max_count_ratio,
         )
         self.result = AsyncResult()
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
@@ -124,6 +132,7 @@ class AsyncEngine:
         # Jobs keep their model version only if the reply may need it to become a delta or weights
         self._jobs_hold_versions = strategy.needs_weights or not options.replies_are_deltas
         # one stream for the concurrency cap's draws, seeded once; saved in checkpoints
+        self._resting: dict[str, tuple[NodeState, float]] = {}  # timed-out msg id -> node, until
         self.sampler = random.Random(
             int(np.random.SeedSequence([options.sampler_seed, 7]).generate_state(1)[0])
         )
@@ -237,6 +246,8 @@ class AsyncEngine:
             self.set_model_spec(self.params)
             self.result.arrays = initial_arrays
             self.wait_for_nodes()
+            if self.options.warmup:
+                self.warm_up()
             # the clock and the wall-time budget start once the nodes are there
             self.clock.reset()
             self._wall0 = time.monotonic()
@@ -283,6 +294,58 @@ class AsyncEngine:
                 return
             log(INFO, "Waiting for nodes: %d of %d", len(self.registry), self.options.min_nodes)
             time.sleep(1.0)
+
+    def probe(self, node_ids: list[int], *, need: int | None = None) -> dict[int, int]:
+        """One short job per node (``local-steps = 1``, ``flwr-ext-identify = 1``).
+
+        Replies are read only for their ``partition-id`` (no update, no event, no row). Waits
+        until every node answered, or ``need`` of them, or ``min(timeout, 600)`` wall seconds.
+        Returns ``node id -> partition-id`` of the nodes that reported one.
+        """
+        arrays = self.versions[self.version].arrays
+        cfg = {**self.train_config, "server-round": self.version, "local-steps": 1}
+        cfg["flwr-ext-identify"] = 1
+        msgs = [self.train_message(nid, arrays, cfg) for nid in node_ids]
+        ids = set(self.grid.push_messages(msgs))
+        want = {m.metadata.message_id: nid for m, nid in zip(msgs, node_ids, strict=True)}
+        want = {mid: nid for mid, nid in want.items() if mid in ids}
+        self.counters["probe-jobs"] = self.counters.get("probe-jobs", 0) + len(want)
+        keys: dict[int, int] = {}
+        answered = 0
+        goal = len(want) if need is None else min(need, len(want))
+        deadline = time.monotonic() + min(self.options.timeout, 600.0)
+        while want and answered < goal and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(want)):
+                nid = want.pop(reply.metadata.reply_to_message_id, None)
+                if nid is None or reply.has_error():
+                    continue
+                answered += 1
+                pid = partition_id(reply.content)
+                if pid is not None:
+                    keys[nid] = pid
+            if want and answered < goal:
+                time.sleep(self.options.poll_interval)
+        return keys
+
+    def warm_up(self) -> None:
+        """Before the clock starts: one short job per node, until ``min_nodes`` answered.
+
+        The Simulation Engine can take a minute to start its ClientApps; without a warm-up a
+        wall-clock budget is mostly spent waiting for them. Nodes learn their identity too.
+        """
+        t0 = time.monotonic()
+        nodes = list(self.registry.nodes.values())
+        keys = self.probe([n.node_id for n in nodes], need=self.options.min_nodes)
+        for node in nodes:
+            if node.node_id in keys:
+                self.registry.set_key(node, keys[node.node_id])
+        log(
+            INFO,
+            "Warm-up: %d of %d nodes answered in %.1f s",
+            len(keys),
+            len(nodes),
+            time.monotonic() - t0,
+        )
 
     def _stop_reason_now(self) -> str:
         """Why the run should stop now (``""``: it should not). Changes nothing."""
@@ -406,12 +469,15 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ pull and order
     def _pull(self) -> int:
-        pending = self.jobs.unreplied_ids()
+        pending = self.jobs.unreplied_ids() + list(self._resting)
         if not pending:
             return 0
         replies = list(self.grid.pull_messages(pending))
         for reply in replies:
             mid = reply.metadata.reply_to_message_id
+            if mid in self._resting:
+                self._late_reply(mid)
+                continue
             job = self.jobs.get(mid)
             if job is None or not self.jobs.replied(mid):
                 reason = (
@@ -495,7 +561,10 @@ class AsyncEngine:
         elif isinstance(event, JobErrored):
             self._end_job(event.job)
             self._record(event.job, None, accepted=False, reason=event.reason)
-            self._failed(event.job, event.kind, event.reason, error=True)
+            # an expired TTL says the message waited (behind someone else), not that this
+            # node failed: counted, never charged toward its retirement
+            charge = event.kind not in _NOT_CHARGED
+            self._failed(event.job, event.kind, event.reason, error=True, charge=charge)
         elif isinstance(event, ReplyRefused):
             self._end_job(event.job)
             self.counters["updates-received"] += 1
@@ -506,26 +575,33 @@ class AsyncEngine:
         self.cost.handle_cpu += time.thread_time() - c0 - (self.cost.eval_cpu - e0)
 
     # ------------------------------------------------------------------ ends of jobs
-    def _end_job(self, job: Job) -> Params | None:
-        """The job ended; return the model it was sent if it was held for it."""
+    def _end_job(self, job: Job, *, free: bool = True) -> Params | None:
+        """The job ended; return the model it was sent if it was held for it.
+
+        ``free=False`` keeps the node busy (a timed-out job may still be running there).
+        """
         base = None
         if self._jobs_hold_versions and job.version in self.versions:
             base = self.versions[job.version].params
         held = self.jobs.get(job.msg_id) is job if job.msg_id else False
         self.jobs.remove(job)
         self.intake.close(job.msg_id)
-        self.registry.mark_free(job.node)
+        if free:
+            self.registry.mark_free(job.node)
         job.t_finish = self.now
         if held and self._jobs_hold_versions and not job.released:
             self.versions.release(job.version)
         return base
 
-    def _failed(self, job: Job, kind: str, reason: str, *, error: bool) -> None:
+    def _failed(
+        self, job: Job, kind: str, reason: str, *, error: bool, charge: bool = True
+    ) -> None:
         """An error reply or a refused reply: counted under ``kind``, charged to its node."""
         self.counters["error-replies" if error else "updates-rejected"] += 1
         self._count(kind)
         log(WARNING, "Job %d of node %d failed: %s", job.job_index, job.node.ident, reason)
-        self.registry.failed(job.node, reason)
+        if charge:
+            self.registry.failed(job.node, reason)
         if not self._draining:
             self.strategy.on_job_failed(self, job, reason)
 
@@ -566,9 +642,9 @@ class AsyncEngine:
         update.record = self._record(job, update, accepted=True, reason="", bytes_up=event.bytes_up)
         self.strategy.on_update(self, update)
 
-    def abandon(self, job: Job, reason: str) -> None:
+    def abandon(self, job: Job, reason: str, *, free: bool = True) -> None:
         """Give up on a job that will not be answered; it gets its row with ``reason``."""
-        self._end_job(job)
+        self._end_job(job, free=free)
         self._count(reason)
         self._record(job, None, accepted=False, reason=reason)
         self.counters["jobs-abandoned"] += 1
@@ -576,10 +652,31 @@ class AsyncEngine:
             self.strategy.on_job_failed(self, job, reason)
 
     def _check_timeouts(self) -> None:
-        for job in self.jobs.timed_out(time.monotonic(), self.options.timeout):
+        """Give up on jobs past ``timeout``; their nodes rest until known to be free.
+
+        A timed-out job may still be running on its node (a ClientApp cannot be interrupted):
+        a new job sent now would queue behind it, and in the Simulation Engine keep a worker
+        busy while other nodes' messages expire. So the node gets no job until its late reply
+        comes (pulled and dropped) or another ``timeout`` has passed.
+        """
+        now = time.monotonic()
+        for job in self.jobs.timed_out(now, self.options.timeout):
             self.counters["job-timeouts"] += 1
             self.registry.failed(job.node, Reason.JOB_TIMEOUT)
-            self.abandon(job, Reason.JOB_TIMEOUT)
+            self.abandon(job, Reason.JOB_TIMEOUT, free=False)
+            if job.msg_id is not None:
+                self._resting[job.msg_id] = (job.node, now + self.options.timeout)
+        for mid, (node, until) in list(self._resting.items()):
+            if now >= until:
+                del self._resting[mid]
+                self.registry.mark_free(node)
+
+    def _late_reply(self, msg_id: str) -> None:
+        """The reply of a job that timed out came: its node is free again."""
+        node, _ = self._resting.pop(msg_id)
+        self.counters["late-replies"] = self.counters.get("late-replies", 0) + 1
+        self._count(Reason.LATE_REPLY)
+        self.registry.mark_free(node)
 
     def _release_too_stale(self) -> None:
         """Jobs whose reply can no longer be applied (beyond ``max_staleness``) drop their model."""
@@ -608,11 +705,16 @@ class AsyncEngine:
         known = self.registry.nodes.keys()
         for nid in sorted(present - known):
             self.registry.add(nid)
+        after = self.options.readmit_after
+        if after is not None:
+            for node in self.registry.readmittable(time.monotonic() - after, present):
+                self.registry.readmit(node)
+                self.counters["nodes-readmitted"] = self.counters.get("nodes-readmitted", 0) + 1
         for nid in sorted(known - present):
             node = self.registry.nodes[nid]
             if node.retired:
                 continue
-            self.registry.retire(node, Reason.NODE_VANISHED)
+            self.registry.retire(node, Reason.NODE_VANISHED, vanished=True)
             for job in [j for j in self.jobs.values() if j.node is node]:
                 if self.jobs.awaiting_reply(job.msg_id):
                     self.abandon(job, Reason.NODE_VANISHED)
@@ -657,6 +759,7 @@ class AsyncEngine:
         applied_n = int(self.counters["updates-applied"])
         self.counters["nodes-retired"] = float(self.registry.retired)
         self.counters["nodes-discovered"] = float(self.registry.discovered)
+        self.counters["counts-clipped"] = float(self.intake.clipped)
         self.result.counters = {
             **{k: float(v) for k, v in self.counters.items()},
             "versions": float(self.version),

@@ -12,6 +12,7 @@ read without a copy), keys, shapes, dtypes, finiteness.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -51,6 +52,7 @@ class Reason(StrEnum):
     PUSH_FAILED = "push failed"
     PUSH_FAILED_ON_RESUME = "push failed on resume"
     AFTER_END = "reply after the run ended"
+    LATE_REPLY = "reply after its job timed out"
     IN_FLIGHT_AT_END = "in flight at the end"
 
 
@@ -117,6 +119,8 @@ class Intake:
     replies_are_deltas : bool
         Plain replies must carry the metric ``flwr-ext-delta = 1`` (compressed ones always are
         deltas).
+    count_ratio : float
+        Bound on one reply's sample count relative to the recent median (:meth:`bound_count`).
     """
 
     def __init__(
@@ -124,11 +128,30 @@ class Intake:
         weighted_by_key: str | None,
         max_reply_bytes: int = 0,
         replies_are_deltas: bool = False,
+        count_ratio: float = 10.0,
     ) -> None:
         self.weighted_by_key = weighted_by_key
         self.max_reply_bytes = int(max_reply_bytes)
         self.replies_are_deltas = bool(replies_are_deltas)
+        self.count_ratio = float(count_ratio)
         self.handled: set[str] = set()
+        self.recent_counts: deque[float] = deque(maxlen=1000)
+        self.clipped = 0
+
+    def bound_count(self, n: float) -> float:
+        """``n`` clipped to ``count_ratio`` times the median of the recent accepted counts.
+
+        A robustness knob, not a defence against a Byzantine adversary: one client that
+        reports ``num-examples = 1e18`` cannot take the whole weight of an aggregation. Active
+        once 3 counts were seen; ``count_ratio = 0`` disables it.
+        """
+        if self.count_ratio > 0 and len(self.recent_counts) >= 3:
+            cap = self.count_ratio * float(np.median(self.recent_counts))
+            if n > cap:
+                self.clipped += 1
+                n = cap
+        self.recent_counts.append(n)
+        return n
 
     # ------------------------------------------------------------------ the ledger
     def close(self, msg_id: str | None) -> None:
@@ -206,6 +229,7 @@ class Intake:
             if not is_finite(arr):
                 return Rejected(Reason.NON_FINITE, name, num_examples)
             arrays[name] = arr
+        num_examples = self.bound_count(num_examples)
         if (compressed and len(compressed) == len(spec)) or flagged:
             return Accepted(arrays, None, num_examples, metrics)
         if self.replies_are_deltas:

@@ -9,6 +9,7 @@ draw (the concurrency cap of cross-device runs).
 from __future__ import annotations
 
 import bisect
+import time
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -33,6 +34,7 @@ class NodeRegistry:
         self.discovered = 0
         self.retired = 0
         self._idle: list[tuple[int, int]] = []  # sorted (ident, node_id)
+        self._failed_at: dict[int, float] = {}  # node id -> wall time it was retired for failures
         self._active = 0
 
     # ------------------------------------------------------------------ queries
@@ -107,10 +109,12 @@ class NodeRegistry:
             return True
         return False
 
-    def retire(self, node: NodeState, reason: str) -> None:
-        """Stop using ``node`` (it left, or failed too often)."""
+    def retire(self, node: NodeState, reason: str, *, vanished: bool = False) -> None:
+        """Stop using ``node`` (it left, or failed too often: then it may be readmitted)."""
         if node.retired:
             return
+        if not vanished:
+            self._failed_at[node.node_id] = time.monotonic()
         if not node.busy:
             self._unset_idle(node)
         node.retired = True
@@ -118,6 +122,22 @@ class NodeRegistry:
         self._active -= 1
         self.retired += 1
         log(WARNING, "Retiring node %d (key %d): %s", node.node_id, node.ident, reason)
+
+    def readmittable(self, before: float, present: set[int]) -> list[NodeState]:
+        """Nodes retired for failures before wall time ``before`` that are still connected."""
+        return [
+            self.nodes[nid]
+            for nid, t in sorted(self._failed_at.items())
+            if t <= before and nid in present and nid in self.nodes and self.nodes[nid].retired
+        ]
+
+    def readmit(self, node: NodeState) -> None:
+        """Give a node retired for failures another chance (failure count restarts)."""
+        self._failed_at.pop(node.node_id, None)
+        node.retired, node.busy, node.failures = False, False, 0
+        self._active += 1
+        self._set_idle(node)
+        log(WARNING, "Readmitting node %d (key %d)", node.node_id, node.ident)
 
     def replace_all(self, nodes: Iterable[NodeState]) -> None:
         """Install nodes restored from a checkpoint (all idle unless retired)."""

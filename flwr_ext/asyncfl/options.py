@@ -84,6 +84,16 @@ class EngineOptions:
         The clients send deltas (the compression mod always does; plain replies then need the
         metric ``flwr-ext-delta = 1``). The server then keeps a model version only while a
         strategy that mixes full weights (FedAsync) may still need it.
+    max_count_ratio : float
+        A reply's sample count is clipped to this many times the median of the recent counts
+        (a robustness knob against one client owning the aggregate, not a Byzantine defence);
+        0: no bound.
+    warmup : bool
+        Before the clock (and ``wall_timeout``) starts, send every node one short job and wait
+        for ``min_nodes`` answers: the Simulation Engine can take a minute to start.
+    readmit_after : float or None
+        Wall seconds after which a node retired for failures (not one that left) that is still
+        connected gets another chance. ``None``: retired for good.
     """
 
     num_rounds: int = 3
@@ -106,6 +116,9 @@ class EngineOptions:
     max_reply_bytes: int = 0
     drain_timeout: float = 0.0
     replies_are_deltas: bool = False
+    max_count_ratio: float = 10.0
+    warmup: bool = False
+    readmit_after: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -128,6 +141,10 @@ class EngineOptions:
         for name in ("csv_path", "ledger_path", "checkpoint_dir", "resume_from"):
             set_(self, name, str(getattr(self, name)) if getattr(self, name) else None)
         set_(self, "replies_are_deltas", bool(self.replies_are_deltas))
+        set_(self, "max_count_ratio", _float("max_count_ratio", self.max_count_ratio, 0.0))
+        set_(self, "warmup", bool(self.warmup))
+        if self.readmit_after is not None:
+            set_(self, "readmit_after", _float("readmit_after", self.readmit_after, 0.0))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

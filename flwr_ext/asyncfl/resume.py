@@ -20,7 +20,7 @@ from flwr.app import MetricRecord
 from flwr.common.logger import log
 
 from flwr_ext.asyncfl.checkpoint import load_checkpoint, save_checkpoint
-from flwr_ext.asyncfl.intake import Reason, partition_id
+from flwr_ext.asyncfl.intake import Reason
 from flwr_ext.asyncfl.types import Job, NodeState
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def _rebind_nodes(engine: AsyncEngine, saved: list[NodeState]) -> None:
     saved_ids = {n.node_id for n in saved}
     new_ids = [nid for nid in current if nid not in saved_ids]
     lost = [n for n in saved if n.node_id not in present and not n.retired]
-    keys = _identify(engine, new_ids) if new_ids and lost else {}
+    keys = engine.probe(new_ids) if new_ids and lost else {}
     by_key = {n.key: n for n in lost if n.key is not None}
     bound: dict[int, NodeState] = {}
     for nid in new_ids:
@@ -172,35 +172,6 @@ def _rebind_nodes(engine: AsyncEngine, saved: list[NodeState]) -> None:
     for nid in new_ids:
         if nid not in bound:  # a node the saved run never saw
             reg.add(nid, key=keys.get(nid))
-
-
-def _identify(engine: AsyncEngine, node_ids: list[int]) -> dict[int, int]:
-    """``node id -> partition-id`` of new nodes, from one short train job each.
-
-    The job carries the current model with ``local-steps = 1`` and ``flwr-ext-identify = 1``;
-    its reply is used only for the ``partition-id`` (not aggregated, not an event, no row).
-    """
-    arrays = engine.versions[engine.version].arrays
-    cfg = {**engine.train_config, "server-round": engine.version, "local-steps": 1}
-    cfg["flwr-ext-identify"] = 1
-    msgs = [engine.train_message(nid, arrays, cfg) for nid in node_ids]
-    ids = set(engine.grid.push_messages(msgs))
-    want = {m.metadata.message_id: nid for m, nid in zip(msgs, node_ids, strict=True)}
-    want = {mid: nid for mid, nid in want.items() if mid in ids}
-    engine.counters["resume-identify-jobs"] = len(want)
-    keys: dict[int, int] = {}
-    deadline = time.monotonic() + min(engine.options.timeout, 600.0)
-    while want and time.monotonic() < deadline:
-        for reply in engine.grid.pull_messages(list(want)):
-            nid = want.pop(reply.metadata.reply_to_message_id, None)
-            if nid is None or reply.has_error():
-                continue
-            pid = partition_id(reply.content)
-            if pid is not None:
-                keys[nid] = pid
-        if want:
-            time.sleep(engine.options.poll_interval)
-    return keys
 
 
 def _redispatch(engine: AsyncEngine, jobs: list[Job]) -> None:

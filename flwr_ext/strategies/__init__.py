@@ -1,5 +1,6 @@
 """Strategies: every class importable from ``flwr_ext.strategies``."""
 
+from flwr_ext.compression.server import Compressed
 from flwr_ext.strategies.factory import build_strategy
 from flwr_ext.strategies.fedasync import FedAsync
 from flwr_ext.strategies.fedavg_timed import FedAvgTimed
@@ -7,4 +8,12 @@ from flwr_ext.strategies.fedbuff import FedBuff
 from flwr_ext.strategies.fedcompass import FedCompass
 from flwr_ext.strategies.flora import FLoRA
 
-__all__ = ["FedAsync", "FedAvgTimed", "FedBuff", "FedCompass", "FLoRA", "build_strategy"]
+__all__ = [
+    "Compressed",
+    "FedAsync",
+    "FedAvgTimed",
+    "FedBuff",
+    "FedCompass",
+    "FLoRA",
+    "build_strategy",
+]

@@ -1,4 +1,4 @@
-"""Compressed replies through the asynchronous engine (decode in ``extract_reply``).
+"""Compressed replies through the asynchronous engine (decoded once by the intake).
 
 The engine must decode each reply against the model version *that node* was sent (not the
 current one), drop and count a corrupt payload, record the bytes really received per update,

@@ -4,6 +4,7 @@ reply path (a compressed reply stays a delta), sample-count checks, staleness de
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -235,3 +236,147 @@ def test_hinge_from_run_config_uses_xie_defaults():
     assert from_run_config({"staleness": "polynomial"}).a == 0.5
     assert from_run_config({"staleness": "hinge", "staleness-a": 2}).a == 2.0
     assert math.isclose(from_run_config({})(3), 0.5)
+
+
+# ---------------------------------------------------------------------- a slow node (issue 15)
+class QueueGrid(FakeGrid):
+    """A Simulation-Engine-like grid: ``workers`` ClientApps at a time, first come first served.
+
+    Node ``slow``'s jobs take ``slow_s`` wall seconds (it sleeps), the others' are instant. A
+    message that waited in the queue longer than its TTL is answered with Flower's
+    MESSAGE_UNAVAILABLE error, as the SuperLink does.
+    """
+
+    def __init__(self, client_fn, num_nodes, *, workers, slow, slow_s, **kw) -> None:
+        super().__init__(client_fn, num_nodes, **kw)
+        self.workers, self.slow, self.slow_s = workers, slow, slow_s
+        self._queue: list[str] = []
+        self._pushed_at: dict[str, float] = {}
+        self._running: dict[str, float] = {}  # msg id -> done at
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        now = time.monotonic()
+        for mid in ids:
+            self._queue.append(mid)
+            self._pushed_at[mid] = now
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        now = time.monotonic()
+        out = []
+        for mid in list(self._queue):  # expired while waiting
+            msg = self._pending[mid]
+            if now - self._pushed_at[mid] > msg.metadata.ttl:
+                self._queue.remove(mid)
+                del self._pending[mid]
+                out.append(Message(Error(ErrorCode.MESSAGE_UNAVAILABLE, "expired"), reply_to=msg))
+        while self._queue and len(self._running) < self.workers:
+            mid = self._queue.pop(0)
+            pid = self.partition[self._pending[mid].metadata.dst_node_id]
+            self._running[mid] = now + (self.slow_s if pid == self.slow else 0.0)
+        wanted = set(message_ids)
+        for mid, done in list(self._running.items()):
+            if done <= now and mid in wanted:
+                del self._running[mid]
+                msg = self._pending.pop(mid)
+                pid = self.partition[msg.metadata.dst_node_id]
+                out.append(Message(self.client_fn(pid, msg), reply_to=msg))
+        return [m for m in out if m.metadata.reply_to_message_id in wanted]
+
+
+def test_one_slow_node_does_not_end_the_federation():
+    """5 nodes, 2 workers, node 0 sleeps 2 s per job, timeout 0.5 s, max_failures 3: the old
+    engine re-sent node 0 a job at each timeout, its queued jobs took the workers, the healthy
+    nodes' messages expired and every node was retired (``no active nodes``)."""
+    from flwr_ext.asyncfl import RealClock
+
+    grid = QueueGrid(random_client, 5, workers=2, slow=0, slow_s=2.0, seed=3)
+    res = FedBuff(buffer_size=2).start(
+        grid,
+        init_arrays(),
+        num_rounds=40,
+        timeout=0.5,
+        clock=RealClock(),
+        poll_interval=0.005,
+        max_failures=3,
+        wall_timeout=60,
+    )
+    assert res.stop_reason == "num_rounds reached", (res.stop_reason, res.reasons)
+    assert res.counters["versions"] == 40
+    healthy = {r.node for r in res.updates if r.applied_in >= 0}
+    assert healthy == {1, 2, 3, 4}
+    # the slow node is never sent a job while one of its jobs is still running
+    assert res.reasons.get(Reason.JOB_TIMEOUT, 0) <= 2 + res.counters.get("late-replies", 0)
+    assert not [
+        r
+        for r in res.updates
+        if r.node != 0
+        and not r.accepted
+        and r.reason != "in flight at the end"
+        and not r.reason.startswith("fedbuff")
+    ]  # noqa: E501
+
+
+def test_expired_ttl_is_not_charged_and_a_retired_node_can_come_back():
+    calls = {"n": 0}
+
+    def flaky(pid, msg):
+        time.sleep(0.01)  # the run lasts well beyond readmit_after
+        if pid == 1:
+            calls["n"] += 1
+            if calls["n"] <= 3:
+                raise RuntimeError("transient")
+        return random_client(pid, msg)
+
+    from flwr_ext.asyncfl import RealClock
+
+    grid = FakeGrid(flaky, 3, seed=0)
+    res = FedAsync().start(
+        grid, init_arrays(), num_rounds=30, timeout=5, clock=RealClock(), poll_interval=0.002,
+        node_poll_interval=0.01, max_failures=3, readmit_after=0.05,
+    )  # fmt: skip
+    assert res.counters["nodes-retired"] == 1 and res.counters["nodes-readmitted"] == 1
+    assert any(r.node == 1 and r.applied_in >= 0 for r in res.updates)
+
+
+def test_compressed_wrapper_runs_an_async_strategy():
+    from flwr_ext.strategies import Compressed
+
+    grid = FakeGrid(compressing_client, 2, seed=0)
+    res = Compressed(FedBuff(buffer_size=2)).start(
+        grid, init_arrays(), num_rounds=1, clock=vclock("homogeneous"), poll_interval=0
+    )
+    np.testing.assert_array_equal(res.arrays["w"].numpy(), np.full((3, 4), 1.5, np.float32))
+
+
+def test_warmup_probes_every_node_before_the_clock_starts():
+    grid = FakeGrid(random_client, 4, seed=0)
+    res = FedAsync().start(
+        grid, init_arrays(), num_rounds=3, clock=vclock(), poll_interval=0, warmup=True
+    )
+    assert res.counters["probe-jobs"] == 4 and res.counters["jobs-dispatched"] >= 3
+    assert grid.pushed == 4 + res.counters["jobs-dispatched"]
+
+
+def test_one_client_cannot_own_the_weight_with_a_huge_count():
+    def liar(pid, msg):
+        rec = shift_client(pid, msg)
+        if pid == 2:
+            m = dict(rec["metrics"])
+            m["num-examples"] = 1e18
+            rec["metrics"] = MetricRecord(m)
+        return rec
+
+    grid = FakeGrid(liar, 5, seed=1)
+    res = FedCompass(q_min=2, q_max=4).start(
+        grid, init_arrays(), num_rounds=20, clock=vclock("homogeneous"), poll_interval=0
+    )
+    honest = [r.num_examples for r in res.finished if r.node != 2 and r.accepted]
+    lies = [r.num_examples for r in res.finished if r.node == 2 and r.accepted]
+    assert lies and res.counters["counts-clipped"] >= len(lies) - 1
+    # every clipped count is at most 10x the median of what was seen (honest: 10..50)
+    assert max(lies[1:]) <= 10 * max(honest)
