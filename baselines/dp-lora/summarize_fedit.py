@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 
@@ -57,10 +58,14 @@ def table(dp: dict[int, dict], ref: dict[int, dict]) -> str:
     def mean(rows: dict[int, dict], key: str) -> float:
         return sum(rows[s][key] for s in seeds) / len(seeds)
 
+    def std(rows: dict[int, dict], key: str) -> str:
+        vals = [100 * rows[s][key] for s in seeds]
+        return f" ± {statistics.stdev(vals):.1f}" if len(vals) > 1 else ""
+
     gap = mean(ref, "em") - mean(dp, "em")
     lines.append(
-        f"| **mean of {len(seeds)}** | | **{100 * mean(dp, 'em'):.1f} %** "
-        f"| **{100 * mean(ref, 'em'):.1f} %** | **{100 * gap:.1f}** | "
+        f"| **mean of {len(seeds)}** | | **{100 * mean(dp, 'em'):.1f} %{std(dp, 'em')}** "
+        f"| **{100 * mean(ref, 'em'):.1f} %{std(ref, 'em')}** | **{100 * gap:.1f}** | "
         f"| {mean(dp, 'eval_loss'):.3f} / {mean(ref, 'eval_loss'):.3f} |"
     )
     return "\n".join(lines)

@@ -115,3 +115,30 @@ def test_dp_sparse_lora_simulation_reports_growing_epsilon(tmp_path):
         assert r["train/uplink-bytes-per-update"] < 0.5 * r["train/bytes-up-uncompressed"]
         assert r["train/dropped-replies"] == 0
     assert all(r["eval-loss"] == r["eval-loss"] for r in res["rounds"])  # finite, not NaN
+
+
+def _app_round(tmp_path, **overrides):
+    """One round of the app's own local training (flwr_ext.llm.local) from a fixed start."""
+    from flwr_ext.llm.local import local_train
+
+    cfg, model, tok, examples = _setup(tmp_path, **{"dp.noise-multiplier": 1.0, **overrides})
+    context = Context(run_id=0, node_id=1, node_config={}, state=RecordDict(), run_config=cfg)
+    out = local_train(cfg, model, tok.pad_token_id, examples, context, rnd=1, pid=0, steps=2)
+    return adapter_state(model), out
+
+
+@pytest.mark.slow  # four tiny-model rounds; the engine-level test is in tests/privacy
+def test_app_dp_batches_and_noise_are_secret_unless_insecure_flag(tmp_path):
+    """Issue 14, defect 2, through the app's code path: same run config, same round, same
+    partition -> different DP-SGD results by default; identical only with the INSECURE flag,
+    which then reports that its epsilon is not a privacy claim."""
+    a, out_a = _app_round(tmp_path)
+    b, _ = _app_round(tmp_path)
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    assert out_a["dp-privacy-claim"] == 1.0
+    insecure = {"dp.insecure-reproducible": True}
+    c, out_c = _app_round(tmp_path, **insecure)
+    d, _ = _app_round(tmp_path, **insecure)
+    assert all(np.array_equal(c[k], d[k]) for k in c)
+    assert out_c["dp-privacy-claim"] == 0.0
+    assert "not a privacy claim" in str(out_c["info"]["guarantee"])

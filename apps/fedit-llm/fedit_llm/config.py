@@ -78,6 +78,12 @@ def client_level_dp(cfg: Mapping[str, Any]) -> bool:
     return float(cfg.get("dp.client-noise-multiplier", 0) or 0) > 0
 
 
+def _accountants() -> tuple[str, ...]:
+    from flwr_ext.privacy.accounting import ACCOUNTANTS
+
+    return tuple(ACCOUNTANTS)
+
+
 def _check_flora_ranks(text: str) -> None:
     try:
         flora_ranks({"flora-ranks": text, "lora-r": 1})
@@ -114,7 +120,7 @@ SETTINGS = (
     number("dp.target-epsilon", low=0),
     number("dp.delta", low=0, high=1, low_open=True, high_open=True),
     number("dp.max-grad-norm", low=0, low_open=True),
-    choice("dp.accountant", ("rdp", "prv")),
+    choice("dp.accountant", _accountants),
     integer("dp.max-physical-batch-size", low=0),
     number("dp.noise-multiplier", low=0),
     integer("dp.expected-rounds", low=0),
