@@ -380,3 +380,21 @@ def test_one_client_cannot_own_the_weight_with_a_huge_count():
     assert lies and res.counters["counts-clipped"] >= len(lies) - 1
     # every clipped count is at most 10x the median of what was seen (honest: 10..50)
     assert max(lies[1:]) <= 10 * max(honest)
+
+
+def test_partition_id_from_a_config_record_and_never_averaged():
+    from flwr.app import ConfigRecord
+
+    def client(pid, msg):
+        rec = shift_client(pid, msg)
+        m = {k: v for k, v in rec["metrics"].items() if k != "partition-id"}
+        rec["metrics"] = MetricRecord(m)
+        rec["identity"] = ConfigRecord({"partition-id": pid + 100})
+        return rec
+
+    grid = FakeGrid(client, 3, seed=4)
+    res = FedBuff(buffer_size=3).start(
+        grid, init_arrays(), num_rounds=2, clock=vclock(), poll_interval=0
+    )
+    assert {r.node for r in res.finished} == {100, 101, 102}
+    assert all("partition-id" not in m for m in res.train_metrics_clientapp.values())

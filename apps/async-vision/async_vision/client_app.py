@@ -3,7 +3,8 @@
 It is a plain Flower ClientApp of the kind written for Flower's FedAvg: it reads
 the global model from ``arrays`` and replies with ``arrays`` and a MetricRecord with
 ``num-examples``. It also honours ``local-steps`` when a strategy (FedCompass) sends it,
-and reports its ``partition-id`` so the asynchronous engine can key device profiles by it.
+and reports its ``partition-id`` (in a ConfigRecord ``identity``, kept out of the averaged
+metrics) so the asynchronous engine can key device profiles by it.
 The ``compression`` run-config key (``none``, ``fedzip``, ``dgc``, ``qsgd-8bit``) selects how
 train replies are encoded: :func:`flwr_ext.compression.compression_mod` reads it per message.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from async_vision.settings import validate
@@ -75,13 +76,13 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": len(x),
             "train-loss": loss,
             "num-steps": steps,
-            # lets the engine key this node stably (Flower draws node ids at random)
-            "partition-id": pid,
         }
     )
-    return Message(
-        RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=msg
-    )
+    # lets the engine key this node stably (Flower draws node ids at random); a ConfigRecord,
+    # so that Flower's FedAvg does not average it with the metrics
+    identity = ConfigRecord({"partition-id": pid})
+    content = {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "identity": identity}
+    return Message(RecordDict(content), reply_to=msg)
 
 
 @app.evaluate()
