@@ -394,7 +394,7 @@ def test_partition_id_from_a_config_record_and_never_averaged():
 
     grid = FakeGrid(client, 3, seed=4)
     res = FedBuff(buffer_size=3).start(
-        grid, init_arrays(), num_rounds=2, clock=vclock(), poll_interval=0
+        grid, init_arrays(), num_rounds=2, clock=vclock("homogeneous"), poll_interval=0
     )
     assert {r.node for r in res.finished} == {100, 101, 102}
     assert all("partition-id" not in m for m in res.train_metrics_clientapp.values())
