@@ -367,6 +367,11 @@ ASYNC_ENGINE: tuple[Setting, ...] = (
     integer("max-reply-bytes", low=0),  # 0: no limit
     number("poll-interval", low=0, low_open=True),
     number("drain-timeout", low=0),
+    integer("max-concurrency", low=0),  # 0: every idle node gets a job
+    number("over-selection", low=1),
+    boolean("warmup"),
+    number("readmit-after", low=0),  # 0: never
+    number("max-count-ratio", low=0),  # 0: sample counts not bounded
 )
 
 #: Checks of several :data:`ASYNC_ENGINE` keys together.

@@ -43,6 +43,7 @@ def snapshot(engine: AsyncEngine) -> dict[str, Any]:
         "clock": _clock_kind(engine),
         "now": float(engine.now),
         "version": engine.version,
+        "params": engine.params,  # the current model (also in "models"; pickled once)
         "models": {v: engine.versions[v].params for v in needed},
         "nbytes": {v: engine.versions[v].nbytes for v in needed},
         "nodes": sorted(engine.registry.nodes.values(), key=lambda n: n.rank),

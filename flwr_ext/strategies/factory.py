@@ -73,6 +73,9 @@ def build_start_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
         "max_reply_bytes": _get(cfg, "max-reply-bytes", 0),
         "max_concurrency": _get(cfg, "max-concurrency", 0),
         "sampler_seed": _get(cfg, "seed", 0),
+        "warmup": bool(cfg.get("warmup", False)),
+        "max_count_ratio": _get(cfg, "max-count-ratio", 10.0),
+        "readmit_after": _get(cfg, "readmit-after", 0.0) or None,
         # only when set, so callers that pass them themselves keep working
         **{kw: float(cfg[key]) for key, kw in _OPTIONAL_KEYS.items() if key in cfg},
         **build_checkpoint_kwargs(cfg),
