@@ -3,7 +3,8 @@
 Under a :class:`~flwr_ext.asyncfl.clock.VirtualClock` the wall-clock path of a message does not
 change a run's result: the engine orders events by virtual time, whatever order replies arrive
 in. :class:`InlineGrid` is a :class:`flwr.serverapp.Grid` that runs the ClientApp object itself,
-in the ServerApp's process, when the ServerApp pulls a reply; :func:`run_inline` runs a
+in the ServerApp's process, when the ServerApp pulls a reply (or, with ``workers=n``, in a pool
+of ``n`` warm worker processes, different nodes in parallel); :func:`run_inline` runs a
 ServerApp on it. What a ClientApp sees is what Flower's Simulation Engine (``run_simulation``,
 Flower 1.42) gives it:
 
@@ -42,8 +43,10 @@ import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from logging import ERROR
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -127,6 +130,12 @@ class InlineGrid(Grid):
         Seed for the node-id draw (default: random ids every run, as the Simulation Engine).
     run_id : int, optional
         The run id (default: drawn at random).
+    workers : int
+        ``0`` (default): each ClientApp call runs in this process when its reply is pulled.
+        ``n > 0``: a pool of ``n`` warm worker processes (forked from this one, so the ClientApp
+        object need not be picklable) runs the messages as they are pushed, different nodes in
+        parallel, each node's in push order; Message and Context travel by pickle (by value, as to
+        a Ray actor). Call :meth:`close` at the end (:func:`run_inline` does).
     """
 
     def __init__(
@@ -137,6 +146,7 @@ class InlineGrid(Grid):
         *,
         node_id_seed: int | None = None,
         run_id: int | None = None,
+        workers: int = 0,
     ) -> None:
         if num_supernodes < 1:
             raise ValueError(f"num_supernodes must be >= 1, got {num_supernodes}")
@@ -164,6 +174,13 @@ class InlineGrid(Grid):
         self._pending: OrderedDict[str, Message] = OrderedDict()  # pushed, not yet run
         self._replies: dict[str, Message] = {}  # run, not yet pulled
         self.stats = InlineStats()
+        self._pool: ProcessPoolExecutor | None = None
+        self._running: dict[str, tuple[int, Future]] = {}
+        self._busy: set[int] = set()
+        if workers > 0:
+            global _WORKER_APP  # noqa: PLW0603  (inherited by the forked workers)
+            _WORKER_APP = client_app
+            self._pool = ProcessPoolExecutor(workers, mp_context=get_context("fork"))
         # A Message needs the run's identity (Flower sets it in a ServerApp process).
         TaskIdentity.task_id, TaskIdentity.run_id = 1, self._run.run_id
         TaskIdentity.node_id = SUPERLINK_NODE_ID
@@ -213,14 +230,19 @@ class InlineGrid(Grid):
                 continue
             self._pending[meta.message_id] = msg
             ids.append(meta.message_id)
+            if self._pool is not None:
+                self._pump(meta.dst_node_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Run the ClientApp on the requested messages still pending; return their replies."""
         wanted = list(dict.fromkeys(message_ids))
-        for mid in wanted:
-            if mid in self._pending:
-                self._run_node_until(mid)
+        if self._pool is not None:
+            self._collect(set(wanted))
+        else:
+            for mid in wanted:
+                if mid in self._pending:
+                    self._run_node_until(mid)
         return [self._replies.pop(mid) for mid in wanted if mid in self._replies]
 
     def send_and_receive(
@@ -228,7 +250,13 @@ class InlineGrid(Grid):
     ) -> Iterable[Message]:
         """Push ``messages`` and return their replies (all of them: each runs to completion)."""
         del timeout  # every pushed message is answered before this returns
-        return self.pull_messages(list(self.push_messages(messages)))
+        want = list(self.push_messages(messages))
+        replies: list[Message] = []
+        while len(replies) < len(want):
+            replies += self.pull_messages(
+                [m for m in want if m not in {r.metadata.reply_to_message_id for r in replies}]
+            )
+        return replies
 
     # ------------------------------------------------------------------ execution
     def _run_node_until(self, message_id: str) -> None:
@@ -242,43 +270,114 @@ class InlineGrid(Grid):
 
     def _execute(self, message: Message) -> Message:
         node_id = message.metadata.dst_node_id
-        context = copy.deepcopy(self._contexts[node_id])
-        received = copy.deepcopy(message)
         rng = _RandomStates()
-        t0 = time.perf_counter()
         try:
-            try:
-                reply = self.client_app(message=received, context=context)
-            except LoadClientAppError:
-                raise
-            except Exception as ex:
-                raise ClientAppException(str(ex)) from ex
-            if context.run_config != self._run_config:
-                raise ValueError(
-                    "The `run_config` field of the `Context` object cannot be "
-                    f"modified (run_id: {context.run_id})."
-                )
-            reply = copy.deepcopy(reply)
-            self._contexts[node_id] = context
-        except Exception as ex:  # noqa: BLE001  (as Flower's Simulation Engine: an error reply)
-            log(ERROR, ex)
-            log(ERROR, traceback.format_exc())
-            if isinstance(ex, ClientAppException):
-                code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-            elif isinstance(ex, LoadClientAppError):
-                code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
-            else:
-                code = ErrorCode.UNKNOWN
-            reason = str(type(ex)) + ":<'" + str(ex) + "'>"
-            reply = Message(Error(code=code, reason=reason), reply_to=message)
-            self.stats.errors += 1
+            reply, context, seconds = _call_client(
+                self.client_app,
+                copy.deepcopy(message),
+                copy.deepcopy(self._contexts[node_id]),
+                self._run_config,
+            )
         finally:
-            self.stats.client_s += time.perf_counter() - t0
             rng.restore()
+        return self._commit(node_id, copy.deepcopy(reply), context, seconds)
+
+    def _commit(
+        self, node_id: int, reply: Message, context: Context | None, seconds: float
+    ) -> Message:
+        if context is not None:
+            self._contexts[node_id] = context
+        else:
+            self.stats.errors += 1
+        self.stats.client_s += seconds
         self.stats.messages += 1
         self.stats.per_node[node_id] = self.stats.per_node.get(node_id, 0) + 1
         reply.metadata.__dict__["_message_id"] = str(uuid4())
         return reply
+
+    # ------------------------------------------------------------------ worker pool
+    def _pump(self, node_id: int) -> None:
+        """Start the oldest queued message of ``node_id`` in the pool if the node is idle."""
+        if node_id in self._busy:
+            return
+        for mid, msg in self._pending.items():
+            if msg.metadata.dst_node_id == node_id:
+                del self._pending[mid]
+                future = self._pool.submit(
+                    _worker_call, msg, self._contexts[node_id], self._run_config
+                )
+                self._running[mid] = (node_id, future)
+                self._busy.add(node_id)
+                return
+
+    def _collect(self, wait_for: set[str]) -> None:
+        """Store finished replies; block until one of ``wait_for`` has a reply (if any is due)."""
+        while True:
+            for mid, (node_id, future) in list(self._running.items()):
+                if future.done():
+                    del self._running[mid]
+                    self._busy.discard(node_id)
+                    reply, context, seconds = future.result()
+                    self._replies[mid] = self._commit(node_id, reply, context, seconds)
+                    self._pump(node_id)
+            due = wait_for & (set(self._running) | set(self._pending))
+            if not wait_for or wait_for & set(self._replies) or not due:
+                return
+            wait([f for _, f in self._running.values()], return_when=FIRST_COMPLETED)
+
+    def close(self) -> None:
+        """Stop the worker pool (jobs not started are dropped; running ones finish)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+#: The ClientApp of a worker process (set before the pool forks).
+_WORKER_APP: ClientApp | None = None
+
+
+def _worker_call(
+    message: Message, context: Context, run_config: dict[str, Any]
+) -> tuple[Message, Context | None, float]:
+    """Run in a worker process: the ClientApp on ``message`` (a copy, as is ``context``)."""
+    assert _WORKER_APP is not None
+    return _call_client(_WORKER_APP, message, context, run_config)
+
+
+def _call_client(
+    client_app: ClientApp, message: Message, context: Context, run_config: dict[str, Any]
+) -> tuple[Message, Context | None, float]:
+    """``(reply, updated context or None if the call failed, seconds in the call)``.
+
+    As Flower's Simulation Engine worker: an exception becomes an error reply with Flower's
+    code and reason text; a call that changed ``run_config`` fails.
+    """
+    t0 = time.perf_counter()
+    try:
+        try:
+            reply = client_app(message=message, context=context)
+        except LoadClientAppError:
+            raise
+        except Exception as ex:
+            raise ClientAppException(str(ex)) from ex
+        if context.run_config != run_config:
+            raise ValueError(
+                "The `run_config` field of the `Context` object cannot be "
+                f"modified (run_id: {context.run_id})."
+            )
+        return reply, context, time.perf_counter() - t0
+    except Exception as ex:  # noqa: BLE001  (as Flower's Simulation Engine: an error reply)
+        log(ERROR, ex)
+        log(ERROR, traceback.format_exc())
+        if isinstance(ex, ClientAppException):
+            code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        elif isinstance(ex, LoadClientAppError):
+            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+        else:
+            code = ErrorCode.UNKNOWN
+        reason = str(type(ex)) + ":<'" + str(ex) + "'>"
+        reply = Message(Error(code=code, reason=reason), reply_to=message)
+        return reply, None, time.perf_counter() - t0
 
 
 def _refuse_real_clock_caller() -> None:
@@ -302,6 +401,7 @@ def run_inline(
     num_supernodes: int,
     run_config: dict[str, Any],
     node_id_seed: int | None = None,
+    workers: int = 0,
 ) -> InlineGrid:
     """Run ``server_app`` against ``num_supernodes`` in-process nodes running ``client_app``.
 
@@ -315,7 +415,9 @@ def run_inline(
         If ``run_config["clock"] == "real"`` (or the engine turns out to run a real clock).
     """
     check_virtual_clock(run_config)
-    grid = InlineGrid(client_app, num_supernodes, run_config, node_id_seed=node_id_seed)
+    grid = InlineGrid(
+        client_app, num_supernodes, run_config, node_id_seed=node_id_seed, workers=workers
+    )
     context = Context(
         run_id=grid.run.run_id,
         node_id=0,
@@ -323,7 +425,10 @@ def run_inline(
         state=RecordDict(),
         run_config=dict(run_config),
     )
-    server_app(grid=grid, context=context)
+    try:
+        server_app(grid=grid, context=context)
+    finally:
+        grid.close()
     return grid
 
 

@@ -167,6 +167,7 @@ def run_app(
     num_cpus_per_client: float = 1.0,
     max_concurrent: int | None = None,
     node_id_seed: int | None = None,
+    inline_workers: int = 0,
     verbose: bool = False,
 ) -> None:
     """Run ``server_app`` and ``client_app`` on the Simulation Engine (Ray) or inline.
@@ -191,6 +192,9 @@ def run_app(
         ``min(32, cpu_count + 4)``; overrides ``num_cpus_per_client``.
     node_id_seed : int, optional
         Inline: fix the node-id draw (default random per run, as the Simulation Engine).
+    inline_workers : int
+        Inline: ``0`` (default) calls the ClientApp in this process; ``n > 0`` runs the calls in
+        ``n`` warm worker processes, different nodes in parallel (same results).
     verbose : bool
         DEBUG-level Flower logs.
 
@@ -215,6 +219,7 @@ def run_app(
                 num_supernodes=num_supernodes,
                 run_config=run_config,
                 node_id_seed=node_id_seed,
+                workers=inline_workers,
             )
         else:
             from flwr.simulation import run_simulation

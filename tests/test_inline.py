@@ -278,3 +278,43 @@ def test_simulation_concurrency_rule_and_max_concurrent():
     assert cfg["init_args"]["num_cpus"] == min(3, cap)
     with pytest.raises(ValueError, match="cpu_count"):
         simulation_backend_config(max_concurrent=cap + 1)
+
+
+def test_worker_pool_keeps_state_order_and_errors():
+    grid = InlineGrid(_counting_client(), 3, {"x": 1.0}, workers=2)
+    try:
+        arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+        nodes = list(grid.get_node_ids())
+        msgs = [
+            Message(
+                RecordDict({"arrays": arrays, "config": ConfigRecord({})}),
+                dst_node_id=nid,
+                message_type=MessageType.TRAIN,
+            )
+            for nid in nodes + nodes  # two messages per node, pushed at once
+        ]
+        replies = grid.send_and_receive(msgs)
+        counts = sorted(
+            (int(r.content["metrics"]["partition-id"]), int(r.content["metrics"]["n"]))
+            for r in replies
+        )
+        assert counts == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+        err = _send(grid, nodes[0], arrays, fail=True)
+        assert err.has_error() and "boom at call 3" in err.error.reason
+        assert _send(grid, nodes[0], arrays).content["metrics"]["n"] == 3  # failed call dropped
+        assert grid.stats.messages == 8 and grid.stats.errors == 1
+    finally:
+        grid.close()
+
+
+def test_worker_pool_runs_flower_fedavg():
+    grid = InlineGrid(_counting_client(), 3, {"x": 1.0}, workers=2)
+    try:
+        result = FedAvg(fraction_evaluate=0.0, min_available_nodes=3).start(
+            grid=grid,
+            initial_arrays=ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
+            num_rounds=2,
+        )
+    finally:
+        grid.close()
+    assert np.array_equal(result.arrays["w"].numpy(), np.full(3, 2.0, np.float32))

@@ -2,9 +2,10 @@
 
 One seeded ``apps/async-vision`` configuration runs the four asynchronous strategies one after
 the other (FedAsync, FedBuff, FedCompass, FedAvg timed) in ONE real Simulation Engine run (Ray)
-and in one inline run, without compression and with ``fedzip`` (whose client mod keeps its error
-feedback in ``context.state``, so per-node state must carry over exactly as in the Simulation
-Engine). Compared per strategy (:func:`flwr_ext.inline.compare_runs`):
+and inline (in-process, and with a pool of 2 worker processes), without compression and with
+``fedzip`` (whose client mod keeps its error feedback in ``context.state``, so per-node state must
+carry over exactly as in the Simulation Engine). Compared per strategy
+(:func:`flwr_ext.inline.compare_runs`):
 
 - the per-update CSV, every column except ``wall_time`` (wall clock), ``node_id`` (drawn at
   random per run by both backends) and ``msg_id`` (a random UUID per message);
@@ -17,7 +18,7 @@ Engine). Compared per strategy (:func:`flwr_ext.inline.compare_runs`):
 starts; without it, in the Simulation Engine a job left in flight and the next strategy's first
 job to that node can run at the same time on two Ray workers from the same Context, and the
 node's compression state depends on which finishes last (see ``docs/simulation.md``).
-Cost: two Simulation Engine runs (~30-60 s each on 2 cores) and two inline runs (~5-20 s).
+Cost: two Simulation Engine runs (~30-60 s each on 2 cores) and four inline runs (~5-20 s).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "async-vision"
 STRATEGIES = ["fedasync", "fedbuff", "fedcompass", "fedavg-timed"]
 
 
-def _run(out: Path, backend: str, compression: str) -> None:
+def _run(out: Path, backend: str, compression: str, workers: int = 0) -> None:
     server_app, client_app = load_components(APP_DIR)
     cfg = fused_run_config(
         APP_DIR,
@@ -58,7 +59,14 @@ def _run(out: Path, backend: str, compression: str) -> None:
         },
     )
     try:
-        run_app(server_app, client_app, num_supernodes=3, run_config=cfg, backend=backend)
+        run_app(
+            server_app,
+            client_app,
+            num_supernodes=3,
+            run_config=cfg,
+            backend=backend,
+            inline_workers=workers,
+        )
     finally:
         import ray
 
@@ -76,15 +84,18 @@ def _final(run: Path, name: str) -> tuple[int, dict[str, np.ndarray]]:
 def test_inline_equals_simulation_engine(tmp_path, compression):
     _run(tmp_path / "simulation", "simulation", compression)
     _run(tmp_path / "inline", "inline", compression)
-    for name in STRATEGIES:
-        diffs = compare_runs(tmp_path / "simulation" / "out", tmp_path / "inline" / "out", name)
-        assert not diffs, diffs
-        v_se, p_se = _final(tmp_path / "simulation", name)
-        v_in, p_in = _final(tmp_path / "inline", name)
-        assert v_se == v_in == 6, (name, v_se, v_in)
-        assert p_se.keys() == p_in.keys()
-        for k in p_se:
-            assert p_se[k].dtype == p_in[k].dtype and np.array_equal(p_se[k], p_in[k]), (name, k)
+    _run(tmp_path / "pool", "inline", compression, workers=2)  # 2 warm worker processes
+    for run in ("inline", "pool"):
+        for name in STRATEGIES:
+            diffs = compare_runs(tmp_path / "simulation" / "out", tmp_path / run / "out", name)
+            assert not diffs, (run, diffs)
+            v_se, p_se = _final(tmp_path / "simulation", name)
+            v_in, p_in = _final(tmp_path / run, name)
+            assert v_se == v_in == 6, (run, name, v_se, v_in)
+            assert p_se.keys() == p_in.keys()
+            for k in p_se:
+                same = p_se[k].dtype == p_in[k].dtype and np.array_equal(p_se[k], p_in[k])
+                assert same, (run, name, k)
     if compression != "none":  # the replies really were compressed
         import csv
 
