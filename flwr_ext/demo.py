@@ -10,11 +10,12 @@ writes: a table (time to the target accuracy, final accuracy, mean staleness, up
 and a PNG of accuracy against virtual time.
 
 The comparison runs on the inline backend by default (:mod:`flwr_ext.inline`: the same ClientApp
-and ServerApp in this process, no Ray; the clock is virtual, so the results are those of Flower's
-Simulation Engine, bit for bit). Then one short real Simulation Engine run (Ray) of the four
-strategies checks that promise on this machine: the same short configuration runs on both
-backends and their per-update records must be identical (wall-clock columns and the random node /
-message ids aside, :data:`flwr_ext.inline.RANDOM_COLUMNS`).
+and ServerApp, no Ray, the ClientApps in :data:`INLINE_WORKERS` warm worker processes; the clock
+is virtual, so the results are those of Flower's Simulation Engine, bit for bit). Then one short
+real Simulation Engine run (Ray) of the four strategies checks that promise on this machine: the
+same short configuration runs on both backends and their per-update records must be identical
+(wall-clock columns and the random node / message ids aside,
+:data:`flwr_ext.inline.RANDOM_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from flwr_ext.sim import fused_run_config, load_components, run_app
 #: The packaged app the demo runs (a source checkout's ``apps/async-vision``; the wheel does not
 #: ship apps, and the library never imports one: it is loaded from this folder).
 APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "async-vision"
+
+#: Warm worker processes of the inline backend for the comparison (ClientApps of different nodes
+#: in parallel; the results do not depend on it).
+INLINE_WORKERS = 2
 
 LABELS = {
     "fedavg-timed": "FedAvg (timed)",
@@ -207,7 +212,14 @@ def run_demo(
         f"{cfg['max-time']:.0f} s of virtual time each, {backend} backend"
     )
     t0 = time.time()
-    run_app(server_app, client_app, num_supernodes=num_nodes, run_config=cfg, backend=backend)
+    run_app(
+        server_app,
+        client_app,
+        num_supernodes=num_nodes,
+        run_config=cfg,
+        backend=backend,
+        inline_workers=INLINE_WORKERS,
+    )
     wall = time.time() - t0
     rows = [summarize(out_dir, name, target) for name in names]
 

@@ -10,7 +10,8 @@ says FedAsync / FedBuff stall on non-IID data.
 
 Every seed is ONE run of ``apps/async-vision`` through :func:`flwr_ext.sim.run_app`, on the
 inline backend by default (``--backend inline``: virtual clock, same results as Flower's
-Simulation Engine bit for bit, no Ray; ``--backend simulation`` runs the Simulation Engine); the
+Simulation Engine bit for bit, no Ray, ClientApps in ``--workers`` (2) warm worker processes;
+``--backend simulation`` runs the Simulation Engine); the
 ServerApp runs the four strategies one after the
 other on the same SuperNodes, each from the same initial model with a fresh virtual clock and
 the same virtual-time budget (the demo machinery of :mod:`flwr_ext.demo`, reused). The per-run
@@ -131,7 +132,12 @@ def profiles_server_app(profiles: list[str], seed: int, runs_dir: Path, quick: b
 
 
 def run_one(
-    profiles: list[str], seed: int, runs_dir: Path, quick: bool, backend: str = "inline"
+    profiles: list[str],
+    seed: int,
+    runs_dir: Path,
+    quick: bool,
+    backend: str = "inline",
+    workers: int = 0,
 ) -> float:
     """One real Flower simulation (seed ``seed``): every profile, the four strategies each."""
     from async_vision.client_app import app as client_app
@@ -143,12 +149,25 @@ def run_one(
     cfg = fused_run_config(APP_DIR, overrides)
     t0 = time.time()
     server_app = profiles_server_app(profiles, seed, runs_dir, quick)
-    run_app(server_app, client_app, num_supernodes=NUM_CLIENTS, run_config=cfg, backend=backend)
+    run_app(
+        server_app,
+        client_app,
+        num_supernodes=NUM_CLIENTS,
+        run_config=cfg,
+        backend=backend,
+        inline_workers=workers,
+    )
     return time.time() - t0
 
 
 def run_isolated(
-    profiles: list[str], seed: int, runs_dir: Path, quick: bool, timeout: float, backend: str
+    profiles: list[str],
+    seed: int,
+    runs_dir: Path,
+    quick: bool,
+    timeout: float,
+    backend: str,
+    workers: int,
 ) -> float:
     """:func:`run_one` in a child process (own session), retried once.
 
@@ -156,7 +175,8 @@ def run_isolated(
     child's whole process group is killed on timeout so nothing is left running.
     """
     cmd = [sys.executable, __file__, "--one", ",".join(profiles), str(seed)]
-    cmd += ["--out", str(runs_dir.parent), "--backend", backend] + (["--quick"] if quick else [])
+    cmd += ["--out", str(runs_dir.parent), "--backend", backend, "--workers", str(workers)]
+    cmd += ["--quick"] if quick else []
     runs_dir.mkdir(parents=True, exist_ok=True)
     for attempt in (1, 2):
         t0 = time.time()
@@ -295,11 +315,22 @@ def main(argv: list[str] | None = None) -> int:
         default="inline",
         help="inline (default; virtual clock, Simulation Engine results) or simulation (Ray)",
     )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="inline: warm worker processes running ClientApps in parallel (0: in-process)",
+    )
     ap.add_argument("--one", nargs=2, metavar=("PROFILE", "SEED"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         run_one(
-            args.one[0].split(","), int(args.one[1]), args.out / "runs", args.quick, args.backend
+            args.one[0].split(","),
+            int(args.one[1]),
+            args.out / "runs",
+            args.quick,
+            args.backend,
+            args.workers,
         )
         return 0
     profiles = [p for p in args.profiles.split(",") if p]
@@ -312,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.rerun:
                 todo = [p for p in profiles if not (runs_dir / f"{p}-s{seed}/done.json").exists()]
             if todo:
-                wall = run_isolated(todo, seed, runs_dir, args.quick, args.timeout, args.backend)
+                wall = run_isolated(
+                    todo, seed, runs_dir, args.quick, args.timeout, args.backend, args.workers
+                )
                 elapsed = time.time() - t0
                 print(
                     f"[{elapsed:7.1f} s] seed {seed} ({','.join(todo)}): {wall:.1f} s", flush=True
