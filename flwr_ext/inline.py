@@ -21,8 +21,9 @@ Flower 1.42) gives it:
   (``CLIENT_APP_RAISED_EXCEPTION``, ``"<class '...ClientAppException'>:<'...'>"``);
 - the messages of one node run one at a time in the order they were pushed: running a message
   first runs every earlier message still pending for that node (their replies wait to be
-  pulled), as the Simulation Engine's per-node FIFO does with jobs a finished strategy left in
-  flight.
+  pulled). The Simulation Engine, too, runs every pushed message (also jobs a finished strategy
+  left in flight), but may run two of one node's messages at once from the same Context, the
+  last to finish writing it; set ``drain-timeout`` there (``docs/simulation.md``).
 
 Differences: replies are computed when pulled (on a virtual clock the engine cannot tell); a
 message's TTL is not enforced (a virtual-clock run measures time on the virtual clock); the
@@ -387,7 +388,10 @@ def _refuse_real_clock_caller() -> None:
     attribute says which clock it runs. (A ServerApp that builds a ``RealClock`` itself, without
     the ``clock`` run-config key, is caught here.)
     """
-    frame = sys._getframe(2)  # noqa: SLF001  push_messages <- engine method
+    try:
+        frame = sys._getframe(2)  # noqa: SLF001  push_messages <- engine method
+    except ValueError:  # called from the top level of a script
+        return
     owner = frame.f_locals.get("self")
     clock = getattr(owner, "clock", None)
     if clock is not None and getattr(clock, "is_virtual", True) is False:
