@@ -195,3 +195,68 @@ def test_uniform_edges():
     lo, hi, codes = uniform_quantize(y, 8)
     assert lo <= y.min() and hi >= y.max() and np.float32(lo) == lo and np.float32(hi) == hi
     assert np.max(np.abs(uniform_dequantize(lo, hi, codes, 8) - y)) <= (hi - lo) / 510 + 1e-12
+
+
+# ---------------------------------------------------------------- error feedback state
+
+from flwr_ext.compression import CompressionState, PipelineConfig, compress  # noqa: E402
+from flwr_ext.compression.codec import decode_tensor, encode_update  # noqa: E402
+
+
+def test_compress_without_error_feedback_is_the_plain_encoding():
+    cfg = PipelineConfig(
+        name="tq", sparsify="topk", density=0.25, quantize="qsgd", levels=15, warmup=(0.5,)
+    )
+    assert not cfg.error_feedback
+    state = CompressionState(cfg)
+    g = {"w": np.random.default_rng(0).standard_normal(400).astype(np.float32)}
+    p1 = compress(state, g, server_round=1, seed=9)
+    want, _ = encode_update(g, cfg, seed=9, density=0.5)  # round 1: the warm-up density
+    assert p1 == want
+    assert p1 != encode_update(g, cfg, seed=8, density=0.5)[0]  # the seed is used
+    p2 = compress(state, g, server_round=2, seed=9)
+    assert p2 == encode_update(g, cfg, seed=9, density=0.25)[0]
+    assert state.residual == {} and state.velocity == {}
+    assert compress(state, g)["w"] == encode_update(g, cfg, seed=0, density=0.25)[0]["w"]
+
+
+def test_error_feedback_passes_ints_and_excluded_tensors_through_exactly():
+    cfg = PipelineConfig(
+        name="ef", sparsify="randomk", density=0.1, error_feedback=True, include=("w",)
+    )
+    state = CompressionState(cfg)
+    rng = np.random.default_rng(1)
+    g = {  # non-float and excluded tensors first: the loop must go on past them
+        "steps": np.array([3, 4], np.int64),
+        "bias": rng.standard_normal(7).astype(np.float32),
+        "w": rng.standard_normal(300).astype(np.float32),
+    }
+    pay = compress(state, g, server_round=1, seed=4)
+    np.testing.assert_array_equal(decode_tensor(pay["steps"]), g["steps"])
+    np.testing.assert_array_equal(decode_tensor(pay["bias"]), g["bias"])
+    assert set(state.residual) == {"w"}
+    # random-k with error feedback uses the seed: the payload is encode(g + e) at that seed
+    assert pay == encode_update(g, cfg, seed=4, density=0.1)[0]
+    e1 = state.residual["w"].copy()
+    pay2 = compress(state, g, server_round=2, seed=5)
+    acc = {"steps": g["steps"], "bias": g["bias"], "w": g["w"] + e1}
+    assert pay2 == encode_update(acc, cfg, seed=5, density=0.1)[0]
+
+
+def test_residual_and_velocity_reset_when_a_tensor_changes_shape_and_keep_dtype():
+    cfg = PipelineConfig(name="m", sparsify="topk", density=0.1, error_feedback=True, momentum=0.9)
+    state = CompressionState(cfg)
+    rng = np.random.default_rng(2)
+    compress(state, {"w": rng.standard_normal(400).astype(np.float32)}, server_round=1)
+    assert state.velocity["w"].dtype == np.float32 and state.residual["w"].dtype == np.float32
+    assert np.any(state.velocity["w"] != 0)
+    # same name, new shape (a resized layer): the old buffers must not be reused
+    g = {"w": rng.standard_normal((10, 10)).astype(np.float32)}
+    fresh = CompressionState(cfg)
+    assert compress(state, g, server_round=2) == compress(fresh, g, server_round=2)
+    np.testing.assert_array_equal(state.residual["w"], fresh.residual["w"])
+    # a dtype change alone also resets them
+    g64 = {"w": g["w"].astype(np.float64)}
+    fresh64 = CompressionState(cfg)
+    assert compress(state, g64, server_round=3) == compress(fresh64, g64, server_round=3)
+    assert state.velocity["w"].dtype == np.float64
