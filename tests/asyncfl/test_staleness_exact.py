@@ -61,3 +61,15 @@ def test_validation_messages():
     assert Staleness("polynomial", a=0.0)(5) == 1.0  # a = 0 is allowed
     with pytest.raises(ValueError, match="negative staleness -1"):
         constant()(-1)
+
+
+def test_from_run_config_reads_every_key_with_per_function_defaults():
+    from flwr_ext.staleness import from_run_config
+
+    assert from_run_config({}) == Staleness("polynomial", 0.5, 4, None)
+    assert from_run_config({"staleness": "hinge"}) == Staleness("hinge", 10.0, 4, None)
+    assert from_run_config({"staleness": "constant"}) == Staleness("constant", 0.5, 4, None)
+    cfg = {"staleness": "hinge", "staleness-a": 2.0, "staleness-b": 6, "max-staleness": 9}
+    assert from_run_config(cfg) == Staleness("hinge", 2.0, 6, 9)
+    assert from_run_config({"max-staleness": 0}).max_staleness == 0
+    assert from_run_config({"max-staleness": -1}).max_staleness is None
