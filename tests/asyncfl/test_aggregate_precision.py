@@ -54,3 +54,16 @@ def test_weighted_delta_rejects_bad_arguments():
         weighted_delta([{"w": np.ones(2)}], [1.0, 2.0])
     with pytest.raises(ValueError, match="as many weights"):
         weighted_delta([{"w": np.ones(2)}, {"w": np.ones(2)}], [1.0])
+
+
+def test_tensors_larger_than_one_block_are_aggregated_everywhere():
+    from flwr_ext.asyncfl.aggregate import BLOCK
+
+    rng = np.random.default_rng(2)
+    n = 2 * BLOCK + 3  # three blocks, the last one partial
+    d = [{"w": rng.standard_normal(n).astype(np.float32)} for _ in range(2)]
+    out = weighted_delta(d, [0.25, 0.75])["w"]
+    np.testing.assert_array_equal(out, _exact([x["w"] for x in d], [0.25, 0.75]).astype(np.float32))
+    p = add_scaled(d[0], d[1], 2.0)["w"]
+    want = (d[0]["w"].astype(np.float64) + 2.0 * d[1]["w"].astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(p, want)

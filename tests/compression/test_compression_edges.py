@@ -260,3 +260,18 @@ def test_residual_and_velocity_reset_when_a_tensor_changes_shape_and_keep_dtype(
     fresh64 = CompressionState(cfg)
     assert compress(state, g64, server_round=3) == compress(fresh64, g64, server_round=3)
     assert state.velocity["w"].dtype == np.float64
+
+
+def test_global_topk_never_selects_zeros_when_few_values_are_non_zero():
+    out = global_topk_indices({"a": np.array([1.0, 0.0, 0.0, 0.0]), "b": np.zeros(4)}, 0.5)
+    assert out["a"].tolist() == [0] and out["b"].tolist() == []
+
+
+def test_qsgd_symbols_fit_their_dtype_at_the_uint8_boundary():
+    for levels in (127, 128):
+        norms, sym = qsgd_quantize(
+            np.array([1.0, 0, 0, 0], np.float32), levels, 4, np.random.default_rng(0)
+        )
+        assert int(sym.max()) == 2 * levels  # symbol 2 s must not wrap around
+        assert sym.dtype == (np.uint8 if 2 * levels < 256 else np.int32)
+        np.testing.assert_allclose(qsgd_dequantize(norms, sym, levels, 4), [1.0, 0, 0, 0])
