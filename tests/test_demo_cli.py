@@ -125,7 +125,9 @@ def test_cli_bench_runs_matching_scripts_only(tmp_path, capsys):
 
 def test_cli_demo_passes_its_options(monkeypatch):
     calls = []
-    monkeypatch.setattr(demo, "run_demo", lambda out_dir, quick: calls.append((out_dir, quick)))
+    monkeypatch.setattr(
+        demo, "run_demo", lambda out_dir, quick, **_: calls.append((out_dir, quick))
+    )
     assert cli.main(["demo", "--quick", "--out", "x/y"]) == 0
     assert cli.main(["demo"]) == 0
     assert calls == [(Path("x/y"), True), (Path("outputs/demo"), False)]

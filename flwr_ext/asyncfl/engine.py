@@ -295,7 +295,9 @@ class AsyncEngine:
             log(INFO, "Waiting for nodes: %d of %d", len(self.registry), self.options.min_nodes)
             time.sleep(1.0)
 
-    def probe(self, node_ids: list[int], *, need: int | None = None) -> dict[int, int]:
+    def probe(
+        self, node_ids: list[int], *, need: int | None = None, counter: str = "probe-jobs"
+    ) -> dict[int, int]:
         """One short job per node (``local-steps = 1``, ``flwr-ext-identify = 1``).
 
         Replies are read only for their ``partition-id`` (no update, no event, no row). Waits
@@ -309,7 +311,7 @@ class AsyncEngine:
         ids = set(self.grid.push_messages(msgs))
         want = {m.metadata.message_id: nid for m, nid in zip(msgs, node_ids, strict=True)}
         want = {mid: nid for mid, nid in want.items() if mid in ids}
-        self.counters["probe-jobs"] = self.counters.get("probe-jobs", 0) + len(want)
+        self.counters[counter] = self.counters.get(counter, 0) + len(want)
         keys: dict[int, int] = {}
         answered = 0
         goal = len(want) if need is None else min(need, len(want))

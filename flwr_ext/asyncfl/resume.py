@@ -153,7 +153,7 @@ def _rebind_nodes(engine: AsyncEngine, saved: list[NodeState]) -> None:
     saved_ids = {n.node_id for n in saved}
     new_ids = [nid for nid in current if nid not in saved_ids]
     lost = [n for n in saved if n.node_id not in present and not n.retired]
-    keys = engine.probe(new_ids) if new_ids and lost else {}
+    keys = engine.probe(new_ids, counter="resume-identify-jobs") if new_ids and lost else {}
     by_key = {n.key: n for n in lost if n.key is not None}
     bound: dict[int, NodeState] = {}
     for nid in new_ids:
