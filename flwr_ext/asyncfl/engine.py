@@ -634,13 +634,15 @@ class AsyncEngine:
             _delta=res.delta,
             _params=res.params,
         )
-        if self._draining:  # valid, but the run is over: recorded and discarded, not accepted
+        # updates-accepted counts every reply that passed the intake (rows with valid=True):
+        # applied + discarded (a reply after the run ended among them) + held at the end
+        self.counters["updates-accepted"] += 1
+        if self._draining:  # valid, but the run is over: recorded, then discarded
             update.record = self._record(
                 job, update, accepted=True, reason="", bytes_up=event.bytes_up
             )
             self.discard(update, Reason.AFTER_END)
             return
-        self.counters["updates-accepted"] += 1
         update.record = self._record(job, update, accepted=True, reason="", bytes_up=event.bytes_up)
         self.strategy.on_update(self, update)
 
