@@ -166,15 +166,6 @@ class EngineAPI(Protocol):
         """Current server model version."""
         ...
 
-    def delta_terms(self) -> Params | Difference:
-        """The delta for :func:`~flwr_ext.asyncfl.aggregate.weighted_delta`, not materialised.
-
-        Equal to :meth:`delta`; a full-weight reply stays ``params - base`` until aggregated.
-        """
-        if self._delta is not None:
-            return self._delta
-        return Difference(self.params, self._need_base("the delta"))
-
     @property
     def params(self) -> Params:
         """The current global model (do not modify in place)."""
