@@ -12,14 +12,17 @@
                brings FedZip within a point of uncompressed at >100x (``baselines/fedzip``);
                ``"fedzip:dense_below=0"`` is plain per-layer top-z everywhere and
                ``"fedzip:density=0.01"`` FedZip's own 1%.
-``dgc``        Deep Gradient Compression (Lin et al., ICLR 2018): top-k at 0.5% density, exact
-               float values, entropy-coded index gaps, error feedback. The paper's 0.1% and its
-               warm-up (25%, 6.25%, 1.5625%, 0.4%, then 0.1%: ``warmup=DGC_WARMUP``) are
-               options: on the 38k-parameter digits CNN 0.1% keeps 38 values per update and
-               loses ~30 points after 15 FedAvg rounds, and the warm-up rounds cost more bytes
-               than all later rounds together (docs/compression.md). Momentum correction is
-               off by default (FL deltas already carry the local optimiser's momentum); pass
-               ``momentum=0.9`` to turn it on.
+``dgc``        Deep Gradient Compression as in the paper (Lin et al., ICLR 2018): top-k with
+               local accumulation at 0.1 % density (99.9 % sparsity), exact float values,
+               entropy-coded index gaps; momentum correction ``m = 0.9`` with momentum
+               factor masking; the warm-up 75 %, 93.75 %, 98.4375 %, 99.6 % sparsity over the
+               client's first 4 replies, then 99.9 % (``DGC_WARMUP``); local gradient
+               clipping at ``clip_norm`` (off until set: the threshold is the model's,
+               ``N^{-1/2}`` times the global one). See
+               :mod:`flwr_ext.compression.feedback` for the equations and how a round's
+               delta stands in for the paper's per-iteration gradient. The pipeline this
+               preset was before (top-k 0.5 %, error feedback, no momentum, no warm-up) is
+               ``"dgc:density=0.005,momentum=0,warmup=none"``.
 ``qsgd-8bit``  QSGD (Alistarh et al., NeurIPS 2017) with ``s = 127`` levels (signed 8-bit
                symbols), buckets of 512 values, ANS-coded levels. Dense and unbiased; no error
                feedback needed.
@@ -35,7 +38,10 @@ from typing import Any
 
 from .codec import PipelineConfig
 from .errors import ConfigError
+from .feedback import DGCConfig
 
+#: DGC's warm-up densities (Lin et al. 2018, Sec. 3.3: sparsity 75 %, 93.75 %, 98.4375 %,
+#: 99.6 %; the 5th step on is the final 99.9 %, i.e. the preset's ``density=0.001``).
 DGC_WARMUP = (0.25, 0.0625, 0.015625, 0.004)
 
 PRESETS: dict[str, PipelineConfig | None] = {
@@ -49,12 +55,16 @@ PRESETS: dict[str, PipelineConfig | None] = {
         error_feedback=True,
         dense_below=1000,
     ),
-    "dgc": PipelineConfig(
+    "dgc": DGCConfig(
         name="dgc",
         sparsify="topk",
-        density=0.005,
+        density=0.001,
         quantize="none",
         error_feedback=True,
+        momentum=0.9,
+        momentum_masking=True,
+        warmup=DGC_WARMUP,
+        clip_norm=0.0,
     ),
     "qsgd-8bit": PipelineConfig(
         name="qsgd-8bit", quantize="qsgd", levels=127, bucket=512, error_feedback=False
@@ -88,10 +98,25 @@ def get_preset(name: str, **overrides: Any) -> PipelineConfig | None:
         if overrides:
             raise ConfigError("preset 'none' takes no options")
         return None
+    if "warmup" in overrides:
+        overrides = {**overrides, "warmup": _schedule(overrides["warmup"])}
     try:
         return dataclasses.replace(base, **overrides)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _schedule(value: Any) -> tuple[float, ...]:
+    """Warm-up schedule from an override: a tuple, a number, or ``none`` / empty (no warm-up)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return ()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (float(value),)
+    if isinstance(value, tuple | list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        return tuple(float(v) for v in value)
+    raise ConfigError(f"warmup must be densities separated by '/', or 'none'; got {value!r}")
 
 
 def _value(text: str) -> Any:
