@@ -18,6 +18,7 @@ from .codec import (
     encode_tensor,
     encode_update,
 )
+from .ef21 import ef21_mod
 from .errors import (
     CompressionError,
     ConfigError,
@@ -25,7 +26,7 @@ from .errors import (
     PayloadLimitError,
     UnsupportedVersionError,
 )
-from .feedback import CompressionState, compress
+from .feedback import CompressionState, DGCConfig, compress
 from .mod import compression_mod
 from .presets import PRESETS, get_preset, parse_spec
 from .server import Compressed, decode_arrays, decode_reply, is_compressed, support_mean
@@ -40,6 +41,7 @@ __all__ = [
     "CompressionState",
     "ConfigError",
     "CorruptPayloadError",
+    "DGCConfig",
     "PayloadLimitError",
     "PipelineConfig",
     "UnsupportedVersionError",
@@ -48,6 +50,7 @@ __all__ = [
     "decode_arrays",
     "decode_reply",
     "decode_tensor",
+    "ef21_mod",
     "encode_tensor",
     "encode_update",
     "get_preset",

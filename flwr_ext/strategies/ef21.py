@@ -1,0 +1,171 @@
+"""EF21: FedAvg's sampling and metrics, EF21's compressed estimates for the model step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from flwr_ext.compression.accounting import record_bytes
+from flwr_ext.compression.ef21 import (
+    KEY_ACCEPTED,
+    KEY_BASE,
+    REPLY_RECORD,
+    EF21ServerState,
+    Receipt,
+)
+from flwr_ext.compression.errors import CorruptPayloadError
+from flwr_ext.compression.server import decode_deltas, is_compressed
+
+
+class EF21(FedAvg):
+    """EF21 error feedback (uplink) on top of Flower's FedAvg.
+
+    Implementation based on Richtarik, Sokolov, Fatkhullin, "EF21: A New, Simpler,
+    Theoretically Better, and Practically Faster Error Feedback", NeurIPS 2021,
+    https://arxiv.org/abs/2106.05203, Algorithm 1, with EF21-PP's partial participation
+    (Fatkhullin et al., "EF21 with Bells & Whistles", 2021, Alg. EF21-PP). Clients run
+    :func:`flwr_ext.compression.ef21.ef21_mod` and send ``c_i = C(delta_i - g_i)``; the server
+    keeps a mirror of every ``g_i`` (:class:`~flwr_ext.compression.ef21.EF21ServerState`) and::
+
+        g_i  <- g_i + c_i                 for every reply              (Alg. 1, line 6)
+        g     = (1/n) sum_i g_i           n: nodes in the federation    (line 8)
+        x    <- x + server_lr * g                                       (line 3)
+
+    Non-sampled clients keep their ``g_i`` in the mean (EF21-PP); with ``server_lr = 1``,
+    the identity compressor and full participation this is FedAvg with uniform weights.
+    Sampling, reply checks and metric aggregation are FedAvg's; the arrays are not averaged
+    (weights ``weighted_by_key`` only weight the metrics: EF21's mean is uniform over nodes).
+    This is not the residual error feedback of ``Compressed`` + ``compression_mod`` (see
+    :mod:`flwr_ext.compression.ef21`); do not wrap it in ``Compressed``.
+
+    Parameters
+    ----------
+    server_lr : float (default: 1.0)
+        ``eta``, the server step on ``g``.
+    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes,
+    min_available_nodes, weighted_by_key, arrayrecord_key, configrecord_key,
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn
+        As :class:`flwr.serverapp.strategy.FedAvg`.
+
+    Notes
+    -----
+    Added to each round's train MetricRecord: ``ef21-accepted``, ``ef21-resynced`` (a node
+    restarted from ``g_i = 0``), ``ef21-rejected`` (wrong base or a payload that does not
+    decode), ``uplink-bytes``, ``uplink-bytes-per-update`` and ``ef21-g-norm``.
+    """
+
+    def __init__(
+        self,
+        server_lr: float = 1.0,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
+        min_available_nodes: int = 2,
+        weighted_by_key: str = "num-examples",
+        arrayrecord_key: str = "arrays",
+        configrecord_key: str = "config",
+        train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate,
+            min_train_nodes=min_train_nodes,
+            min_evaluate_nodes=min_evaluate_nodes,
+            min_available_nodes=min_available_nodes,
+            weighted_by_key=weighted_by_key,
+            arrayrecord_key=arrayrecord_key,
+            configrecord_key=configrecord_key,
+            train_metrics_aggr_fn=train_metrics_aggr_fn,
+            evaluate_metrics_aggr_fn=evaluate_metrics_aggr_fn,
+        )
+        if not np.isfinite(server_lr) or server_lr <= 0:
+            raise ValueError("server_lr must be a positive finite number")
+        self.server_lr = float(server_lr)
+        self.state = EF21ServerState()
+        self.nodes: set[int] = set()
+        self._arrays: dict[int, ArrayRecord] = {}
+
+    def summary(self) -> None:
+        """Log the configuration."""
+        log(INFO, "\t├──> EF21: server lr %s, g = mean of every node's g_i", self.server_lr)
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's messages, each with this node's ``ef21-accepted`` count in its config."""
+        self.nodes.update(int(n) for n in grid.get_node_ids())
+        self._arrays[server_round] = arrays
+        out = []
+        for msg in super().configure_train(server_round, arrays, config, grid):
+            node = msg.metadata.dst_node_id
+            cfg = ConfigRecord(dict(msg.content[self.configrecord_key]))
+            cfg[KEY_ACCEPTED] = self.state.accepted.get(node, 0)
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+            out.append(
+                Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node)
+            )
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply every reply's correction to its mirror, then step with ``g``."""
+        arrays = self._arrays.pop(server_round, None)
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        if arrays is None or not valid:
+            return None, None
+        x = {k: v.numpy() for k, v in arrays.items()}
+        reference = {k: (v.shape, str(v.dtype)) for k, v in x.items()}
+        counts = {r: 0 for r in Receipt}
+        used, up = [], []
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            receipt = Receipt.REJECTED
+            try:
+                base = int(msg.content[REPLY_RECORD][KEY_BASE])
+                record = msg.content[self.arrayrecord_key]
+                if not is_compressed(record):
+                    raise CorruptPayloadError("reply is not an EF21 correction")
+                correction = decode_deltas(record, reference)
+                if set(correction) != set(x):
+                    raise CorruptPayloadError("correction does not cover every tensor")
+                receipt = self.state.receive(node, base, correction)
+            except (KeyError, TypeError, ValueError) as exc:  # CorruptPayloadError included
+                log(
+                    WARNING,
+                    "EF21: reply of node %s rejected (round %s): %s",
+                    node,
+                    server_round,
+                    exc,
+                )
+            counts[receipt] += 1
+            up.append(record_bytes(msg.content))
+            if receipt != Receipt.REJECTED:
+                used.append(msg.content)
+        g = self.state.mean(len(self.nodes), x)
+        new = {}
+        for name, value in x.items():
+            if value.dtype.kind == "f":
+                new[name] = (value + self.server_lr * g[name]).astype(value.dtype)
+            else:
+                new[name] = value
+        metrics = self.train_metrics_aggr_fn(used, self.weighted_by_key) if used else None
+        metrics = MetricRecord() if metrics is None else metrics
+        metrics["ef21-accepted"] = counts[Receipt.ACCEPTED]
+        metrics["ef21-resynced"] = counts[Receipt.RESYNCED]
+        metrics["ef21-rejected"] = counts[Receipt.REJECTED]
+        metrics["uplink-bytes"] = int(sum(up))
+        metrics["uplink-bytes-per-update"] = float(np.mean(up)) if up else 0.0
+        metrics["ef21-g-norm"] = float(
+            np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in g.values()))
+        )
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
