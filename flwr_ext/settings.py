@@ -361,6 +361,13 @@ ASYNC_ENGINE: tuple[Setting, ...] = (
     number("compass-lambda", low=1),
     number("compass-speed-momentum", low=0, high=1, low_open=True),
     choice("compass-weighting", ("num-examples", "uniform")),
+    integer("fedast-tasks", low=1),
+    integer("fedast-active", low=1),
+    integer("fedast-buffer-size", low=1),
+    boolean("fedast-dynamic"),
+    integer("fedast-window", low=2),
+    integer("fedast-realloc-every", low=0),  # 0: the reference's period
+    integer("fedast-task-rounds", low=0),  # 0: no per-task limit
     text("checkpoint-dir"),
     integer("checkpoint-every", low=0),
     text("resume"),

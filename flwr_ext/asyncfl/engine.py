@@ -56,6 +56,7 @@ from flwr_ext.asyncfl.records import COUNTERS, AsyncResult, CostMeter, UpdateRec
 from flwr_ext.asyncfl.strategy import AsyncStrategy, EvaluateFn
 from flwr_ext.asyncfl.types import Job, NodeState, Params, Timer, Update
 from flwr_ext.asyncfl.versions import VersionStore
+from flwr_ext.compression.hints import DECODER_KEY
 
 _ERROR_NAMES = {
     ErrorCode.UNKNOWN: "unknown error",
@@ -104,7 +105,8 @@ class AsyncEngine:
         self.grid = grid
         self.clock = clock
         self.options = options
-        self.train_config = dict(train_config or {})
+        # the engine decodes compressed replies: say so, or compression_mod refuses to encode
+        self.train_config = {**dict(train_config or {}), DECODER_KEY: True}
         self.evaluate_fn = evaluate_fn
         self.registry = NodeRegistry(options.max_failures)
         self.jobs = InFlight()

@@ -114,6 +114,15 @@ def announce_decoder(config: ConfigRecord) -> ConfigRecord:
     return config
 
 
+def announce(message: Message) -> Message:
+    """Mark every config record of a train message (adding one if it has none), in place."""
+    if not message.content.config_records:
+        message.content[DECODER_KEY] = ConfigRecord()
+    for record in message.content.config_records.values():
+        announce_decoder(record)
+    return message
+
+
 def server_decodes(message: Message) -> bool:
     """Whether a train message says its sender decodes compressed replies."""
     if not message.has_content():

@@ -31,6 +31,13 @@ decoded L2 norm of every reply by C whatever the preset, error feedback or round
 The warm-up schedule (DGC) advances with this client's own number of compressed replies (kept
 in ``context.state``), not with the server round: under asynchronous strategies the
 ``server-round`` a client sees is a model version that grows with every update of every client.
+
+The mod compresses only for a server that says it decodes: ``Compressed`` and flwr-ext's
+asynchronous engine put :data:`~flwr_ext.compression.hints.DECODER_KEY` in every train config.
+A train message without it (a plain Flower ``FedAvg``, no wrapper) gets an error reply
+(``ErrorCode.MOD_FAILED_PRECONDITION``) whose reason says to wrap the strategy in
+``Compressed``; Flower's strategies log it on the server as "Received error in reply from
+node ...", and the run goes on instead of failing inside Flower on an undecodable payload.
 """
 
 from __future__ import annotations
@@ -39,13 +46,15 @@ from logging import WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .codec import PipelineConfig
 from .feedback import CompressionState, compress
+from .hints import HINT, server_decodes
 from .presets import get_preset
 from .wire import DTYPE_CODE
 
@@ -142,6 +151,10 @@ def compression_mod(
         config = _config(context)
         if config is None:
             return call_next(msg, context)
+        if not server_decodes(msg):
+            # before training: no local work is spent on a reply the server cannot read
+            log(WARNING, "compression_mod: %s", HINT)
+            return Message(Error(code=ErrorCode.MOD_FAILED_PRECONDITION, reason=HINT), reply_to=msg)
         if not msg.has_content() or len(msg.content.array_records) != 1:
             return call_next(msg, context)
         received = next(iter(msg.content.array_records.values()))

@@ -24,6 +24,7 @@ from flwr_ext.wrappers import find_in_chain
 from .accounting import ByteCounter, record_bytes
 from .codec import DEFAULT_MAX_ELEMENTS, decode_tensor, is_sparse_payload
 from .errors import ConfigError, CorruptPayloadError
+from .hints import announce
 
 STYPE_PREFIX = "flwr-ext/"
 
@@ -334,6 +335,7 @@ class Compressed(Strategy):
         self._round_arrays[server_round] = arrays
         total = 0
         for msg in messages:
+            announce(msg)
             node = msg.metadata.dst_node_id
             recs = list(msg.content.array_records.values())
             if len(recs) == 1:

@@ -16,12 +16,13 @@ from flwr_ext.asyncfl.clock import RealClock, VirtualClock
 from flwr_ext.asyncfl.profiles import DeviceProfile
 from flwr_ext.asyncfl.strategy import AsyncStrategy
 from flwr_ext.staleness import from_run_config as build_staleness
+from flwr_ext.strategies.fedast import FedAST
 from flwr_ext.strategies.fedasync import FedAsync
 from flwr_ext.strategies.fedavg_timed import FedAvgTimed
 from flwr_ext.strategies.fedbuff import FedBuff
 from flwr_ext.strategies.fedcompass import FedCompass
 
-NAMES = ("fedavg", "fedavg-timed", "fedasync", "fedbuff", "fedcompass")
+NAMES = ("fedavg", "fedavg-timed", "fedasync", "fedbuff", "fedcompass", "fedast")
 
 
 def _get(cfg: dict[str, Any], key: str, default: Any) -> Any:
@@ -122,7 +123,7 @@ def build_strategy(run_config: dict[str, Any]) -> Strategy | AsyncStrategy:
     ----------
     run_config : dict
         A Flower run config. ``strategy`` is one of ``fedavg`` (Flower's own, no clock),
-        ``fedavg-timed``, ``fedasync``, ``fedbuff``, ``fedcompass``. Keys read: see
+        ``fedavg-timed``, ``fedasync``, ``fedbuff``, ``fedcompass``, ``fedast``. Keys read: see
         ``apps/async-vision/README.md``.
 
     Raises
@@ -160,4 +161,6 @@ def build_strategy(run_config: dict[str, Any]) -> Strategy | AsyncStrategy:
         )
     if name == "fedcompass":
         return FedCompass.from_run_config(cfg)
+    if name == "fedast":
+        return FedAST.from_run_config(cfg)
     raise ValueError(f"Unknown strategy {name!r}; available: {', '.join(NAMES)}")

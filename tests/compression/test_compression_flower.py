@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_ext.compression import Compressed, compression_mod, decode_reply, is_compressed
+from flwr_ext.compression.hints import DECODER_KEY
 
 RNG = np.random.default_rng(3)
 
@@ -81,7 +82,7 @@ def _train_msg(arrays: dict[str, np.ndarray], node: int, rnd: int = 1) -> Messag
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "config": ConfigRecord({"server-round": rnd}),
+            "config": ConfigRecord({"server-round": rnd, DECODER_KEY: True}),
         }
     )
     return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)

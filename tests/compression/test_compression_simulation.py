@@ -98,6 +98,18 @@ def _corrupt_mod(msg: Message, context: Context, call_next) -> Message:
     return out
 
 
+strategy_errors: list[str] = []
+
+
+class _ErrorRecordingFedAvg(FedAvg):
+    """Flower's FedAvg, keeping the reasons of the error replies it skips (and logs)."""
+
+    def aggregate_train(self, server_round, replies):  # noqa: ANN001, ANN201
+        replies = list(replies)
+        strategy_errors.extend(m.error.reason for m in replies if m.has_error())
+        return super().aggregate_train(server_round, replies)
+
+
 def _server_app(compressed: bool, out_file: str) -> ServerApp:
     app = ServerApp()
 
@@ -110,7 +122,9 @@ def _server_app(compressed: bool, out_file: str) -> ServerApp:
             acc = float(np.mean(_forward(p, xte)[1].argmax(1) == yte))
             return MetricRecord({"accuracy": acc})
 
-        strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=NODES, min_train_nodes=2)
+        strategy = _ErrorRecordingFedAvg(
+            fraction_evaluate=0.0, min_available_nodes=NODES, min_train_nodes=2
+        )
         if compressed:
             strategy = Compressed(strategy)
         init = ArrayRecord({k: Array(v) for k, v in _init().items()})
@@ -120,13 +134,15 @@ def _server_app(compressed: bool, out_file: str) -> ServerApp:
         summary = {
             "accuracy": result.evaluate_metrics_serverapp[ROUNDS]["accuracy"],
             "train": {int(r): dict(m) for r, m in result.train_metrics_clientapp.items()},
+            "error-reasons": strategy_errors,
         }
         Path(out_file).write_text(json.dumps(summary))
 
     return app
 
 
-def _run(compressed: bool, out_file: Path) -> dict:
+def _run(compressed: bool, out_file: Path, wrapped: bool | None = None) -> dict:
+    """``compressed``: the clients compress; ``wrapped``: the server uses ``Compressed``."""
     from flwr.simulation import run_simulation
 
     # the first mod is the outermost: _corrupt_mod sees the reply after compression
@@ -134,7 +150,7 @@ def _run(compressed: bool, out_file: Path) -> dict:
     client = ClientApp(mods=mods)
     client.train()(_client_fn)
     run_simulation(
-        server_app=_server_app(compressed, str(out_file)),
+        server_app=_server_app(compressed if wrapped is None else wrapped, str(out_file)),
         client_app=client,
         num_supernodes=NODES,
         backend_config={
@@ -190,3 +206,19 @@ def test_compressed_vs_uncompressed_simulation(tmp_path) -> None:
     plain = _run(False, tmp_path / "plain.json")
     assert plain["accuracy"] > 0.9
     _check_compressed(_run(True, tmp_path / "comp.json"), plain["accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_compressing_clients_and_plain_fedavg_say_what_to_do(tmp_path) -> None:
+    """Issue 15.6: compression_mod on the clients, Flower's FedAvg without Compressed.
+
+    Before the handshake the ServerApp died in Flower with "Unsupported serialization type
+    'flwr-ext/fedzip'"; now every client answers with the fix as its error reason, FedAvg
+    logs and skips those replies, and the run ends normally.
+    """
+    strategy_errors.clear()
+    out = _run(True, tmp_path / "plain-server.json", wrapped=False)
+    assert len(out["error-reasons"]) == ROUNDS * NODES
+    assert all("wrap the strategy in Compressed" in r for r in out["error-reasons"])
+    assert out["train"] == {}  # nothing aggregated: the model stays the initial one

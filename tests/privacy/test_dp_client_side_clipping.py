@@ -16,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_ext.compression import compression_mod
 from flwr_ext.compression.codec import decode_tensor
+from flwr_ext.compression.hints import DECODER_KEY
 from flwr_ext.compression.server import decode_arrays
 from flwr_ext.privacy import DPCompressionError, check_dp_compression
 
@@ -64,7 +65,12 @@ def _sent_norms(mod) -> list[float]:
         sent = ArrayRecord({k: Array(v) for k, v in weights.items()})
         msg = Message(
             RecordDict(
-                {"arrays": sent, "config": ConfigRecord({"server-round": rnd, "clipping_norm": C})}
+                {
+                    "arrays": sent,
+                    "config": ConfigRecord(
+                        {"server-round": rnd, "clipping_norm": C, DECODER_KEY: True}
+                    ),
+                }
             ),
             dst_node_id=3,
             message_type=MessageType.TRAIN,
