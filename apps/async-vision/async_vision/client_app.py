@@ -3,6 +3,7 @@
 It is a plain Flower ClientApp of the kind written for Flower's FedAvg: it reads
 the global model from ``arrays`` and replies with ``arrays`` and a MetricRecord with
 ``num-examples``. It also honours ``local-steps`` when a strategy (FedCompass) sends it,
+trains only task ``task-id``'s arrays of a FedAST model (:mod:`flwr_ext.strategies.fedast`),
 and reports its ``partition-id`` (in a ConfigRecord ``identity``, kept out of the averaged
 metrics) so the asynchronous engine can key device profiles by it.
 The ``compression`` run-config key (``none``, ``fedzip``, ``dgc``, ``qsgd-8bit``) selects how
@@ -20,6 +21,7 @@ from flwr.clientapp import ClientApp
 from async_vision.settings import validate
 from flwr_ext.compression import compression_mod
 from flwr_ext.data.images import load_partition, load_test_set, to_tensors
+from flwr_ext.strategies.fedast import TASK_ID, merge_task, task_arrays
 from flwr_ext.vision import DigitsCNN, evaluate, train_local
 
 # preset read from context.run_config["compression"] on every message ("none": untouched)
@@ -30,7 +32,10 @@ def _setup(msg: Message, context: Context) -> tuple[DigitsCNN, torch.Tensor, tor
     cfg = validate(context.run_config)
     torch.set_num_threads(int(cfg.get("torch-threads", 1)))
     model = DigitsCNN()
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    arrays = msg.content["arrays"]
+    if TASK_ID in msg.content["config"]:  # FedAST: train only this task's model
+        arrays = ArrayRecord(task_arrays(arrays, int(msg.content["config"][TASK_ID])))
+    model.load_state_dict(arrays.to_torch_state_dict())
     pid = int(context.node_config["partition-id"])
     num = int(context.node_config["num-partitions"])
     part = load_partition(
@@ -81,7 +86,10 @@ def train(msg: Message, context: Context) -> Message:
     # lets the engine key this node stably (Flower draws node ids at random); a ConfigRecord,
     # so that Flower's FedAvg does not average it with the metrics
     identity = ConfigRecord({"partition-id": pid})
-    content = {"arrays": ArrayRecord(model.state_dict()), "metrics": metrics, "identity": identity}
+    arrays = ArrayRecord(model.state_dict())
+    if TASK_ID in sent:  # FedAST: every task's arrays go back, the others unchanged
+        arrays = merge_task(msg.content["arrays"], int(sent[TASK_ID]), arrays)
+    content = {"arrays": arrays, "metrics": metrics, "identity": identity}
     return Message(RecordDict(content), reply_to=msg)
 
 
