@@ -379,6 +379,13 @@ ASYNC_ENGINE: tuple[Setting, ...] = (
     boolean("warmup"),
     number("readmit-after", low=0),  # 0: never
     number("max-count-ratio", low=0),  # 0: sample counts not bounded
+    boolean("stale-conversion"),  # fedasync / fedbuff: convert stale updates (Wang, Gao et al.)
+    integer("stale-conversion-threshold", low=0),  # convert staleness > this
+    integer("stale-conversion-samples", low=1),
+    integer("stale-conversion-iterations", low=1),
+    number("stale-conversion-lr", low=0, low_open=True),
+    number("stale-conversion-max-residual", low=0, low_open=True),
+    integer("stale-conversion-input-side", low=1),
 )
 
 #: Checks of several :data:`ASYNC_ENGINE` keys together.

@@ -149,6 +149,13 @@ def build_strategy(run_config: dict[str, Any]) -> Strategy | AsyncStrategy:
             seed=_get(cfg, "seed", 0),
             over_selection=_get(cfg, "over-selection", 1.0),
         )
+    if name in ("fedasync", "fedbuff") and cfg.get("stale-conversion", False):
+        # Wang, Gao et al.: convert updates staler than stale-conversion-threshold first
+        from flwr_ext.strategies.stale_conversion import StaleConversion
+
+        inner = build_strategy({**cfg, "stale-conversion": False})
+        assert isinstance(inner, AsyncStrategy)
+        return StaleConversion.from_run_config(inner, cfg)
     if name == "fedasync":
         return FedAsync(alpha=_get(cfg, "alpha", 0.6), staleness=build_staleness(cfg))
     if name == "fedbuff":
