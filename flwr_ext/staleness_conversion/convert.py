@@ -59,7 +59,7 @@ class Conversion:
 
 
 def _to_torch(params: Params, names: list[str]) -> Tensors:
-    return {n: torch.as_tensor(np.asarray(params[n], dtype=np.float32)) for n in names}
+    return {n: torch.from_numpy(np.array(params[n], dtype=np.float32)) for n in names}
 
 
 def relative_residual(model: nn.Module, base: Tensors, delta: Tensors, rec, recipe) -> float:
