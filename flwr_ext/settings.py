@@ -308,6 +308,12 @@ def _profile_kinds() -> tuple[str, ...]:
     return KINDS
 
 
+def _server_opts() -> tuple[str, ...]:
+    from flwr_ext.asyncfl.server_opt import SERVER_OPTS
+
+    return ("none", *SERVER_OPTS)
+
+
 def _compass_q(cfg: dict[str, Any]) -> None:
     lo, hi = cfg.get("compass-q-min"), cfg.get("compass-q-max")
     if lo is not None and hi is not None and hi < lo:
@@ -368,6 +374,16 @@ ASYNC_ENGINE: tuple[Setting, ...] = (
     integer("fedast-window", low=2),
     integer("fedast-realloc-every", low=0),  # 0: the reference's period
     integer("fedast-task-rounds", low=0),  # 0: no per-task limit
+    choice("server-opt", _server_opts),  # none: the strategy's own server step
+    number("server-opt-beta", low=0, high=1, high_open=True),
+    number("server-opt-rho", low=0),
+    number("fedfix-dt", low=0, low_open=True),
+    choice("fedfix-weights", ("fedfix", "asynchronous")),
+    choice("fedfix-importance", ("num-examples", "uniform")),
+    number("fedfix-tau-momentum", low=0, high=1, low_open=True),
+    integer("intertwined-slow-nodes", low=1),
+    integer("intertwined-slow-classes", low=1),
+    number("intertwined-slow-factor", low=0, low_open=True),
     text("checkpoint-dir"),
     integer("checkpoint-every", low=0),
     text("resume"),

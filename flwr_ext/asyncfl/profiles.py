@@ -13,7 +13,10 @@ order, so a seeded run gives the same durations however many replies Ray returns
 Distributions of the per-step time (mean ``m``): ``homogeneous`` (all ``m``), ``normal``
 (``N(m, std)``), ``exponential`` (``Exp(m)``), ``lognormal`` (median-free parametrisation with mean
 ``m`` and log-std ``std``), ``trace`` (a CSV with columns ``node, step_time`` and optionally
-``up_mbps, down_mbps, latency``; node ``k`` uses row ``k mod rows``). Draws are floored at
+``up_mbps, down_mbps, latency``; node ``k`` uses row ``k mod rows``), ``intertwined`` (nodes
+``0 .. slow_nodes - 1`` take ``slow_factor * m``, the others ``m``: with the ``intertwined``
+partitioner of :mod:`flwr_ext.data.partition` the slow nodes hold the labels the fast ones
+lack, so device speed and data are correlated). Draws are floored at
 ``min_step_time`` (default ``m / 100``) so no device is infinitely fast. The FedCompass paper
 (Li et al., ICLR 2024, Sec. 5) uses the same normal / exponential families for client speeds.
 """
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS = ("homogeneous", "normal", "exponential", "lognormal", "trace")
+KINDS = ("homogeneous", "normal", "exponential", "lognormal", "trace", "intertwined")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,10 @@ class DeviceProfile:
         ``local-steps``.
     min_steps : int
         Lower bound on the steps of a job sent without ``local-steps`` (used for event ordering).
+    slow_nodes : int
+        ``intertwined``: node keys ``0 .. slow_nodes - 1`` are slow (>= 0).
+    slow_factor : float
+        ``intertwined``: their step time is ``slow_factor * mean_step_time`` (> 0).
     """
 
     kind: str = "homogeneous"
@@ -86,6 +93,8 @@ class DeviceProfile:
     trace: str | None = None
     default_steps: int = 10
     min_steps: int = 1
+    slow_nodes: int = 2
+    slow_factor: float = 10.0
     _rows: tuple = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +104,10 @@ class DeviceProfile:
             raise ValueError("jitter must be in [0, 1)")
         if self.mean_step_time <= 0:
             raise ValueError("mean_step_time must be > 0")
+        if self.slow_nodes < 0:
+            raise ValueError(f"slow_nodes must be >= 0, got {self.slow_nodes!r}")
+        if not (math.isfinite(self.slow_factor) and self.slow_factor > 0):
+            raise ValueError(f"slow_factor must be > 0, got {self.slow_factor!r}")
         if self.kind == "trace":
             if not self.trace:
                 raise ValueError("kind='trace' needs a trace file")
@@ -144,6 +157,8 @@ def _node_speed(p: DeviceProfile, seed: int, key: int) -> NodeSpeed:
     elif p.kind == "lognormal":
         # E[exp(N(mu, s^2))] = exp(mu + s^2 / 2) = m
         t = rng.lognormal(math.log(m) - p.std**2 / 2.0, p.std)
+    elif p.kind == "intertwined":
+        t = m * p.slow_factor if key < p.slow_nodes else m
     else:
         row = p._rows[key % len(p._rows)]
         t = row["step_time"]

@@ -28,19 +28,44 @@ def _embedded_split(seed: int) -> tuple[Dataset, Dataset]:
 
 @lru_cache(maxsize=8)
 def _federated_dataset(
-    name: str, partitioner_name: str, num_partitions: int, alpha: float, seed: int
+    name: str,
+    partitioner_name: str,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    slow: tuple[int, int] = (2, 2),
 ):
     from flwr_datasets import FederatedDataset
 
-    partitioner = make_partitioner(partitioner_name, num_partitions, alpha=alpha, seed=seed)
+    partitioner = make_partitioner(
+        partitioner_name,
+        num_partitions,
+        alpha=alpha,
+        seed=seed,
+        slow_nodes=slow[0],
+        slow_classes=slow[1],
+    )
     return FederatedDataset(
         dataset=name, partitioners={"train": partitioner}, shuffle=True, seed=seed
     )
 
 
 @lru_cache(maxsize=8)
-def _embedded_partitioner(partitioner_name: str, num_partitions: int, alpha: float, seed: int):
-    return make_partitioner(partitioner_name, num_partitions, alpha=alpha, seed=seed)
+def _embedded_partitioner(
+    partitioner_name: str,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    slow: tuple[int, int] = (2, 2),
+):
+    return make_partitioner(
+        partitioner_name,
+        num_partitions,
+        alpha=alpha,
+        seed=seed,
+        slow_nodes=slow[0],
+        slow_classes=slow[1],
+    )
 
 
 def load_partition(
@@ -51,6 +76,8 @@ def load_partition(
     partitioner: str = "dirichlet",
     alpha: float = 0.5,
     seed: int = 0,
+    slow_nodes: int = 2,
+    slow_classes: int = 2,
 ) -> Dataset:
     """Load one client's training partition.
 
@@ -61,17 +88,21 @@ def load_partition(
     partition_id, num_partitions : int
         Which of how many partitions.
     partitioner : str
-        ``"iid"`` or ``"dirichlet"`` (see :func:`flwr_ext.data.make_partitioner`).
+        A name of :data:`flwr_ext.data.partition.PARTITIONERS` (see
+        :func:`flwr_ext.data.make_partitioner`).
     alpha : float
         Dirichlet concentration.
     seed : int
         Seed of the split and of the partitioning.
+    slow_nodes, slow_classes : int
+        ``"intertwined"``: slow partitions and the labels only they hold.
     """
+    slow = (int(slow_nodes), int(slow_classes))
     if name == EMBEDDED:
         train, _ = _embedded_split(seed)
-        part = _embedded_partitioner(partitioner, num_partitions, alpha, seed)
+        part = _embedded_partitioner(partitioner, num_partitions, alpha, seed, slow)
         return partition_dataset(train, part, partition_id)
-    fds = _federated_dataset(name, partitioner, num_partitions, alpha, seed)
+    fds = _federated_dataset(name, partitioner, num_partitions, alpha, seed, slow)
     return fds.load_partition(partition_id, "train")
 
 

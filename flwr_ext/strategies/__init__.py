@@ -7,6 +7,7 @@ from flwr_ext.strategies.fedasync import FedAsync
 from flwr_ext.strategies.fedavg_timed import FedAvgTimed
 from flwr_ext.strategies.fedbuff import FedBuff
 from flwr_ext.strategies.fedcompass import FedCompass
+from flwr_ext.strategies.fedfix import FedFix
 from flwr_ext.strategies.flora import FLoRA
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "FedAvgTimed",
     "FedBuff",
     "FedCompass",
+    "FedFix",
     "FLoRA",
     "build_strategy",
 ]

@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from flwr_ext.asyncfl.clock import RealClock, VirtualClock
 from flwr_ext.asyncfl.profiles import DeviceProfile
+from flwr_ext.asyncfl.server_opt import ServerOptimizer, make_server_opt
 from flwr_ext.asyncfl.strategy import AsyncStrategy
 from flwr_ext.staleness import from_run_config as build_staleness
 from flwr_ext.strategies.fedast import FedAST
@@ -21,8 +22,9 @@ from flwr_ext.strategies.fedasync import FedAsync
 from flwr_ext.strategies.fedavg_timed import FedAvgTimed
 from flwr_ext.strategies.fedbuff import FedBuff
 from flwr_ext.strategies.fedcompass import FedCompass
+from flwr_ext.strategies.fedfix import FedFix
 
-NAMES = ("fedavg", "fedavg-timed", "fedasync", "fedbuff", "fedcompass", "fedast")
+NAMES = ("fedavg", "fedavg-timed", "fedasync", "fedbuff", "fedcompass", "fedast", "fedfix")
 
 
 def _get(cfg: dict[str, Any], key: str, default: Any) -> Any:
@@ -44,6 +46,22 @@ def build_profile(cfg: dict[str, Any]) -> DeviceProfile:
         down_mbps=_get(cfg, "down-mbps", 50.0),
         latency=_get(cfg, "latency", 0.05),
         default_steps=_get(cfg, "profile-default-steps", 10),
+        slow_nodes=_get(cfg, "intertwined-slow-nodes", 2),
+        slow_factor=_get(cfg, "intertwined-slow-factor", 10.0),
+    )
+
+
+def build_server_opt(cfg: dict[str, Any]) -> ServerOptimizer | None:
+    """``server-opt`` (``none``: the strategy's own step) with ``server-lr``,
+    ``server-opt-beta`` and ``server-opt-rho`` (see :mod:`flwr_ext.asyncfl.server_opt`)."""
+    name = _get(cfg, "server-opt", "none").lower()
+    if name == "none":
+        return None
+    return make_server_opt(
+        name,
+        lr=_get(cfg, "server-lr", 1.0),
+        beta=_get(cfg, "server-opt-beta", 0.9),
+        rho=_get(cfg, "server-opt-rho", 2.0),
     )
 
 
@@ -123,8 +141,8 @@ def build_strategy(run_config: dict[str, Any]) -> Strategy | AsyncStrategy:
     ----------
     run_config : dict
         A Flower run config. ``strategy`` is one of ``fedavg`` (Flower's own, no clock),
-        ``fedavg-timed``, ``fedasync``, ``fedbuff``, ``fedcompass``, ``fedast``. Keys read: see
-        ``apps/async-vision/README.md``.
+        ``fedavg-timed``, ``fedasync``, ``fedbuff``, ``fedcompass``, ``fedast``, ``fedfix``.
+        Keys read: see ``apps/async-vision/README.md``.
 
     Raises
     ------
@@ -157,14 +175,31 @@ def build_strategy(run_config: dict[str, Any]) -> Strategy | AsyncStrategy:
         assert isinstance(inner, AsyncStrategy)
         return StaleConversion.from_run_config(inner, cfg)
     if name == "fedasync":
-        return FedAsync(alpha=_get(cfg, "alpha", 0.6), staleness=build_staleness(cfg))
+        return FedAsync(
+            alpha=_get(cfg, "alpha", 0.6),
+            staleness=build_staleness(cfg),
+            server_opt=build_server_opt(cfg),
+        )
     if name == "fedbuff":
+        opt = build_server_opt(cfg)
         return FedBuff(
             buffer_size=_get(cfg, "buffer-size", 10),
-            server_lr=_get(cfg, "server-lr", 1.0),
+            server_lr=_get(cfg, "server-lr", 1.0) if opt is None else 1.0,
             staleness=build_staleness(cfg),
             server_momentum=_get(cfg, "server-momentum", 0.0),
             weighted_by_key="num-examples" if _get(cfg, "fedbuff-weighted", False) else None,
+            server_opt=opt,
+        )
+    if name == "fedfix":
+        opt = build_server_opt(cfg)
+        importance = _get(cfg, "fedfix-importance", "num-examples")
+        return FedFix(
+            dt=_get(cfg, "fedfix-dt", 1.0),
+            server_lr=_get(cfg, "server-lr", 1.0) if opt is None else 1.0,
+            weights=_get(cfg, "fedfix-weights", "fedfix"),
+            tau_momentum=_get(cfg, "fedfix-tau-momentum", 0.5),
+            weighted_by_key=None if importance == "uniform" else importance,
+            server_opt=opt,
         )
     if name == "fedcompass":
         return FedCompass.from_run_config(cfg)

@@ -7,7 +7,8 @@ from logging import INFO
 import numpy as np
 from flwr.common.logger import log
 
-from flwr_ext.asyncfl.aggregate import add_scaled, weighted_delta
+from flwr_ext.asyncfl.aggregate import weighted_delta
+from flwr_ext.asyncfl.server_opt import Momentum, Plain, ServerOptimizer
 from flwr_ext.asyncfl.strategy import AsyncStrategy
 from flwr_ext.asyncfl.types import EngineAPI, Update
 from flwr_ext.staleness import Staleness, polynomial
@@ -27,7 +28,10 @@ class FedBuff(AsyncStrategy):
     (``sum_i n_i s_i delta_i / sum_i n_i``) instead of ``1/K``: with ``K`` = all nodes, constant
     staleness and ``server_lr = 1`` this equals FedAvg's aggregate on the same replies.
     Optional server momentum (``x <- x + eta_g m``, ``m <- beta m + mean delta``) follows
-    FedBuff's Sec. 5 / Reddi et al. 2021 (FedAvgM on the server).
+    FedBuff's Sec. 5 / Reddi et al. 2021 (FedAvgM on the server). The server step is a
+    :mod:`~flwr_ext.asyncfl.server_opt` optimizer: ``server_lr`` / ``server_momentum`` build
+    ``Plain(server_lr)`` or ``Momentum(server_lr, server_momentum)`` (bit-identical to the
+    former built-in momentum); ``server_opt`` takes any other (Adaptive Braking, Nesterov).
 
     Parameters
     ----------
@@ -41,6 +45,10 @@ class FedBuff(AsyncStrategy):
         ``beta``; 0 disables momentum.
     weighted_by_key : str or None (default: None)
         ``None``: the paper's uniform ``1/K``; e.g. ``"num-examples"``: sample-weighted.
+    server_opt : ServerOptimizer or None (default: None)
+        Applies the buffer average ``s``: ``x <- server_opt.step(x, s)``. ``None``: from
+        ``server_lr`` and ``server_momentum``; given together with a ``server_lr != 1`` or a
+        ``server_momentum > 0`` it is refused (two settings of one thing).
     """
 
     def __init__(
@@ -52,6 +60,7 @@ class FedBuff(AsyncStrategy):
         weighted_by_key: str | None = None,
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
+        server_opt: ServerOptimizer | None = None,
     ) -> None:
         super().__init__(weighted_by_key, arrayrecord_key, configrecord_key)
         if buffer_size < 1:
@@ -61,18 +70,34 @@ class FedBuff(AsyncStrategy):
         self.staleness = staleness if staleness is not None else polynomial(0.5)
         self.server_momentum = float(server_momentum)
         self.sample_weighted = weighted_by_key is not None
+        if server_opt is not None and (self.server_lr != 1.0 or self.server_momentum > 0.0):
+            raise ValueError("give either server_opt or server_lr / server_momentum, not both")
+        if server_opt is None:
+            server_opt = (
+                Momentum(self.server_lr, self.server_momentum)
+                if self.server_momentum > 0.0
+                else Plain(self.server_lr)
+            )
         self._buffer: list[tuple[Update, float]] = []
+        self._server_opt: ServerOptimizer = server_opt
+        # the optimizer's buffer (momentum), mirrored under its former name for checkpoints
         self._momentum: dict[str, np.ndarray] | None = None
+
+    @property
+    def server_opt(self) -> ServerOptimizer:
+        """The server optimizer (its state is checkpointed with the strategy)."""
+        return self._server_opt
 
     def summary(self) -> None:
         """Log the configuration."""
         log(INFO, "\t├──> K: %d, server lr: %s", self.buffer_size, self.server_lr)
-        log(INFO, "\t├──> momentum: %s", self.server_momentum)
+        log(INFO, "\t├──> server optimizer: %r", self._server_opt)
         log(INFO, "\t└──> staleness: %s", self.staleness)
 
     def on_start(self, engine: EngineAPI) -> None:
-        """Empty the buffer."""
+        """Empty the buffer, reset the server optimizer."""
         self._buffer, self._momentum = [], None
+        self._server_opt.reset()
 
     def on_update(self, engine: EngineAPI, update: Update) -> None:
         """Buffer a staleness-weighted delta; flush after K (Alg. 1, lines 8-13)."""
@@ -99,11 +124,7 @@ class FedBuff(AsyncStrategy):
         else:
             coeffs = [w / len(updates) for _, w in self._buffer]
         step = weighted_delta([u.delta_terms() for u in updates], coeffs)
-        if self.server_momentum > 0.0:
-            if self._momentum is None:
-                self._momentum = step
-            else:
-                self._momentum = add_scaled(step, self._momentum, self.server_momentum)
-            step = self._momentum
+        params = self._server_opt.step(engine.params, step)
+        self._momentum = getattr(self._server_opt, "buffer", None)
         self._buffer = []
-        engine.commit(add_scaled(engine.params, step, self.server_lr), updates)
+        engine.commit(params, updates)

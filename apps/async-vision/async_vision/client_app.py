@@ -45,6 +45,8 @@ def _setup(msg: Message, context: Context) -> tuple[DigitsCNN, torch.Tensor, tor
         partitioner=str(cfg.get("partitioner", "dirichlet")),
         alpha=float(cfg.get("dirichlet-alpha", 0.5)),
         seed=int(cfg.get("seed", 0)),
+        slow_nodes=int(cfg.get("intertwined-slow-nodes", 2)),
+        slow_classes=int(cfg.get("intertwined-slow-classes", 2)),
     )
     x, y = to_tensors(part)
     return model, x, y
