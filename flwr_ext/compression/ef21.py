@@ -35,6 +35,20 @@ client that lost its state (or any other mismatch) restarts from ``g_i = 0`` wit
 the server then resets its mirror to 0 before adding the correction (counted as a resync).
 Both sides add bit-identical decoded arrays in the same order, so the server's mirror equals
 the client's ``g_i`` bit for bit (tested).
+
+**EF21-BC** (bidirectional; Fatkhullin et al. 2021, "EF21 with Bells & Whistles", Alg. EF21-BC,
+and its reference code ``ef21_bc.py``): the server does not send the model. Server and every
+node hold the model ``x`` and a broadcast estimator ``b``-accumulated ``g``; each round::
+
+    w     = (1/n) sum_i g_i                  (the EF21 mean of the clients' estimates)
+    b     = C_M(w - g),   g <- g + b         (server; only b is sent down)
+    x     <- x + eta g                       (server and node, from the same g)
+
+and the nodes train from their own copy of ``x``. A node receives ``b`` with the version it
+must hold (``ef21-bc-from``); one that missed a round (not sampled, a lost message, a lost
+state) gets ``x`` and ``g`` densely instead (counted as ``ef21-bc-dense``), and one that cannot
+apply ``b`` answers with an error so that the server sends it the dense state next time. The
+node's ``x`` and ``g`` equal the server's bit for bit (same decoded ``b``, same float ops).
 """
 
 from __future__ import annotations
@@ -45,12 +59,13 @@ from enum import StrEnum
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
-from .codec import PipelineConfig, encode_update
-from .errors import ConfigError
+from .codec import PipelineConfig, decode_tensor, encode_update
+from .errors import ConfigError, CorruptPayloadError
 from .wire import DTYPE_CODE
 
 STATE_KEY = "flwr-ext.ef21"
@@ -59,6 +74,13 @@ KEY_ACCEPTED = "ef21-accepted"
 #: Reply ConfigRecord (under :data:`REPLY_RECORD`) key: corrections in the client's ``g_i``.
 KEY_BASE = "ef21-base"
 REPLY_RECORD = "ef21"
+#: EF21-BC train-config keys: the version the node holds after this message, the version the
+#: increment applies to (-1: the message is the dense state), and the server step ``eta``.
+KEY_BC_VERSION = "ef21-bc-version"
+KEY_BC_FROM = "ef21-bc-from"
+KEY_BC_LR = "ef21-bc-lr"
+#: EF21-BC record holding the dense ``g`` (dense messages only).
+BC_G_RECORD = "ef21-bc-g"
 
 Arrays = dict[str, np.ndarray]
 
@@ -203,6 +225,81 @@ class EF21ServerState:
         return out
 
 
+# --------------------------------------------------------------------------- EF21-BC
+def bc_step(
+    x: Mapping[str, np.ndarray], g: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], lr: float
+) -> tuple[Arrays, Arrays]:
+    """One EF21-BC broadcast step on either side: ``g <- g + b``, ``x <- x + lr * g``.
+
+    Only float tensors move; others keep ``x``'s value. Returns ``(x, g)`` (new arrays).
+    """
+    g_new = _add(g, b)
+    x_new: Arrays = {}
+    for name, v in x.items():
+        v = np.asarray(v)
+        if v.dtype.kind == "f" and name in g_new:
+            x_new[name] = (v + lr * g_new[name]).astype(v.dtype)
+        else:
+            x_new[name] = v
+    return x_new, g_new
+
+
+@dataclass
+class BCNodeState:
+    """A node's EF21-BC copy of the model ``x`` and estimator ``g`` at ``version`` (-1: none)."""
+
+    x: Arrays = field(default_factory=dict)
+    g: Arrays = field(default_factory=dict)
+    version: int = -1
+
+
+def bc_receive(state: BCNodeState, msg: Message, arrays_key: str) -> bool:
+    """Apply an EF21-BC train message to ``state``; ``False`` if it cannot be applied."""
+    cfg = next(r for r in msg.content.config_records.values() if KEY_BC_VERSION in r)
+    version, base = int(cfg[KEY_BC_VERSION]), int(cfg[KEY_BC_FROM])  # type: ignore[arg-type]
+    rec = msg.content[arrays_key]
+    if base < 0:  # dense state
+        state.x = {k: v.numpy() for k, v in rec.items()}
+        state.g = {k: v.numpy() for k, v in msg.content[BC_G_RECORD].items()}
+    else:
+        if base != state.version or not state.x:
+            return False
+        shapes = {k: v.shape for k, v in state.x.items()}
+        if set(rec) != set(shapes):
+            return False
+        try:
+            b = {
+                k: decode_tensor(a.data, expected_shape=shapes[k], stype=a.stype)
+                for k, a in rec.items()
+            }
+        except CorruptPayloadError:
+            return False
+        state.x, state.g = bc_step(state.x, state.g, b, float(cfg[KEY_BC_LR]))  # type: ignore[arg-type]
+    state.version = version
+    return True
+
+
+def _load_bc(context: Context, key: str) -> BCNodeState:
+    state = BCNodeState()
+    if f"{key}.bc.meta" in context.state:
+        state.version = int(context.state[f"{key}.bc.meta"]["version"])
+        state.x = {k: v.numpy() for k, v in context.state[f"{key}.bc.x"].items()}
+        state.g = {k: v.numpy() for k, v in context.state[f"{key}.bc.g"].items()}
+    return state
+
+
+def _save_bc(context: Context, key: str, state: BCNodeState) -> None:
+    for part, arrays in (("x", state.x), ("g", state.g)):
+        context.state[f"{key}.bc.{part}"] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        )
+    context.state[f"{key}.bc.meta"] = ConfigRecord({"version": state.version})
+
+
+def _is_bc(msg: Message) -> bool:
+    return any(KEY_BC_VERSION in r for r in msg.content.config_records.values())
+
+
 # --------------------------------------------------------------------------- client mod
 def _load(context: Context, key: str) -> EF21ClientState:
     state = EF21ClientState()
@@ -267,7 +364,9 @@ def ef21_mod(
     Mod
         Train messages whose config carries ``ef21-accepted`` get their reply replaced by the
         encoded correction ``c_i`` plus a ConfigRecord ``"ef21"`` with ``ef21-base``; other
-        messages pass through.
+        messages pass through. Messages of :class:`flwr_ext.strategies.EF21BC` (config key
+        ``ef21-bc-version``) first update the node's own ``x`` and ``g`` from ``b`` (or the
+        dense state), and the ClientApp is called with that ``x``.
     """
     cfg = check_compressor(config if config is not None else default_compressor(density))
 
@@ -275,7 +374,20 @@ def ef21_mod(
         if msg.metadata.message_type != MessageType.TRAIN or not msg.has_content():
             return call_next(msg, context)
         accepted = _accepted(msg)
-        if accepted is None or len(msg.content.array_records) != 1:
+        if accepted is None:
+            return call_next(msg, context)
+        if _is_bc(msg):
+            arrays_key = next(k for k in msg.content.array_records if k != BC_G_RECORD)
+            bc = _load_bc(context, state_key)
+            if not bc_receive(bc, msg, arrays_key):
+                reason = f"ef21-bc: node holds version {bc.version}; needs the dense state"
+                return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
+            _save_bc(context, state_key, bc)
+            # the ClientApp trains from the node's own x, as if the server had sent it
+            msg.content[arrays_key] = ArrayRecord({k: Array(v) for k, v in bc.x.items()})
+            if BC_G_RECORD in msg.content:
+                del msg.content[BC_G_RECORD]
+        if len(msg.content.array_records) != 1:
             return call_next(msg, context)
         received = next(iter(msg.content.array_records.values()))
         sent = {k: v.numpy() for k, v in received.items()}
@@ -311,7 +423,10 @@ def ef21_mod(
                 for k in delta
             }
         )
-        out.content[REPLY_RECORD] = ConfigRecord({KEY_BASE: base})
+        reply_cfg = ConfigRecord({KEY_BASE: base})
+        if _is_bc(msg):
+            reply_cfg[KEY_BC_VERSION] = _load_bc(context, state_key).version
+        out.content[REPLY_RECORD] = reply_cfg
         return out
 
     return _ef21_mod

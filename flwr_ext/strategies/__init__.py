@@ -1,7 +1,7 @@
 """Strategies: every class importable from ``flwr_ext.strategies``."""
 
 from flwr_ext.compression.server import Compressed
-from flwr_ext.strategies.ef21 import EF21
+from flwr_ext.strategies.ef21 import EF21, EF21BC
 from flwr_ext.strategies.factory import build_strategy
 from flwr_ext.strategies.fedasync import FedAsync
 from flwr_ext.strategies.fedavg_timed import FedAvgTimed
@@ -13,6 +13,7 @@ from flwr_ext.strategies.flora import FLoRA
 __all__ = [
     "Compressed",
     "EF21",
+    "EF21BC",
     "FedAsync",
     "FedAvgTimed",
     "FedBuff",

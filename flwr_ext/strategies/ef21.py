@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -12,12 +13,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from flwr_ext.compression.accounting import record_bytes
+from flwr_ext.compression.codec import PipelineConfig, encode_update
 from flwr_ext.compression.ef21 import (
+    BC_G_RECORD,
     KEY_ACCEPTED,
     KEY_BASE,
+    KEY_BC_FROM,
+    KEY_BC_LR,
+    KEY_BC_VERSION,
     REPLY_RECORD,
     EF21ServerState,
     Receipt,
+    bc_step,
+    check_compressor,
 )
 from flwr_ext.compression.errors import CorruptPayloadError
 from flwr_ext.compression.server import decode_deltas, is_compressed
@@ -115,15 +123,10 @@ class EF21(FedAvg):
             )
         return out
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Apply every reply's correction to its mirror, then step with ``g``."""
-        arrays = self._arrays.pop(server_round, None)
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
-        if arrays is None or not valid:
-            return None, None
-        x = {k: v.numpy() for k, v in arrays.items()}
+    def _collect(
+        self, server_round: int, valid: list[Message], x: dict[str, np.ndarray]
+    ) -> tuple[list[RecordDict], dict[Receipt, int], list[int]]:
+        """Apply each valid reply's correction to its node's mirror (Alg. 1, line 6)."""
         reference = {k: (v.shape, str(v.dtype)) for k, v in x.items()}
         counts = {r: 0 for r in Receipt}
         used, up = [], []
@@ -151,13 +154,11 @@ class EF21(FedAvg):
             up.append(record_bytes(msg.content))
             if receipt != Receipt.REJECTED:
                 used.append(msg.content)
-        g = self.state.mean(len(self.nodes), x)
-        new = {}
-        for name, value in x.items():
-            if value.dtype.kind == "f":
-                new[name] = (value + self.server_lr * g[name]).astype(value.dtype)
-            else:
-                new[name] = value
+        return used, counts, up
+
+    def _metrics(
+        self, used: list[RecordDict], counts: dict[Receipt, int], up: list[int], g: dict
+    ) -> MetricRecord:
         metrics = self.train_metrics_aggr_fn(used, self.weighted_by_key) if used else None
         metrics = MetricRecord() if metrics is None else metrics
         metrics["ef21-accepted"] = counts[Receipt.ACCEPTED]
@@ -168,4 +169,149 @@ class EF21(FedAvg):
         metrics["ef21-g-norm"] = float(
             np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in g.values()))
         )
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+        return metrics
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply every reply's correction to its mirror, then step with ``g``."""
+        arrays = self._arrays.pop(server_round, None)
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        if arrays is None or not valid:
+            return None, None
+        x = {k: v.numpy() for k, v in arrays.items()}
+        used, counts, up = self._collect(server_round, valid, x)
+        g = self.state.mean(len(self.nodes), x)
+        new, _ = bc_step(x, {}, g, self.server_lr)
+        return _record(new), self._metrics(used, counts, up, g)
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class EF21BC(EF21):
+    """EF21-BC: EF21 with a compressed downlink; the nodes hold the model themselves.
+
+    Implementation based on Fatkhullin, Sokolov, Gorbunov, Li, Richtarik, "EF21 with Bells &
+    Whistles: Practical Algorithmic Extensions of Modern Error Feedback", 2021,
+    https://arxiv.org/abs/2110.03294, Algorithm EF21-BC (bidirectional compression), as in the
+    authors' ``ef21_bc.py``. The uplink is :class:`EF21`'s; the server keeps its own estimator
+    ``g`` and sends only its compressed change::
+
+        w  = (1/n) sum_i g_i                         (EF21 mean of the mirrors)
+        b  = C_M(w - g),   g <- g + b                 (server; b is broadcast)
+        x <- x + server_lr * g                        (server and every node)
+
+    A node that holds the previous version gets ``b`` (``ef21-bc-from`` = that version) and
+    rebuilds ``x`` in :func:`~flwr_ext.compression.ef21.ef21_mod`; any other node (first round,
+    not sampled last round, lost state, an error reply) gets ``x`` and ``g`` densely. With
+    ``C_M`` the identity this is :class:`EF21` (``g = w``).
+
+    Parameters
+    ----------
+    downlink_density : float (default: 0.01)
+        Top-k density of ``C_M`` (exact values); ignored when ``downlink`` is given.
+    downlink : PipelineConfig or None
+        Any other downlink compressor without residual feedback.
+    server_lr and the rest
+        As :class:`EF21`.
+
+    Notes
+    -----
+    Adds ``downlink-bytes`` (train messages of the round, ``count_bytes()``),
+    ``downlink-bytes-per-node`` and ``ef21-bc-dense`` (nodes sent the dense state) to the
+    train metrics. A dense state is the model plus ``g``: twice a plain FedAvg message.
+    """
+
+    def __init__(
+        self,
+        downlink_density: float = 0.01,
+        downlink: PipelineConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.downlink = check_compressor(
+            downlink
+            if downlink is not None
+            else PipelineConfig(name="ef21-bc", sparsify="topk", density=downlink_density)
+        )
+        self.version = 0
+        self.x: dict[str, np.ndarray] | None = None
+        self.g: dict[str, np.ndarray] = {}
+        self._b: ArrayRecord | None = None  # the b that moved version - 1 to version
+        self.node_version: dict[int, int] = {}
+        self._down: dict[int, tuple[int, int]] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send ``b`` to nodes at the previous version, the dense ``(x, g)`` to the others."""
+        if self.x is None:
+            self.x = {k: v.numpy() for k, v in arrays.items()}
+        out, dense, total = [], 0, 0
+        for msg in super().configure_train(server_round, arrays, config, grid):
+            node = msg.metadata.dst_node_id
+            cfg = msg.content[self.configrecord_key]
+            cfg[KEY_BC_VERSION] = self.version
+            cfg[KEY_BC_LR] = self.server_lr
+            if self._b is not None and self.node_version.get(node) == self.version - 1:
+                cfg[KEY_BC_FROM] = self.version - 1
+                content = RecordDict({self.arrayrecord_key: self._b, self.configrecord_key: cfg})
+            else:
+                cfg[KEY_BC_FROM] = -1
+                g = self.g or {k: np.zeros_like(v) for k, v in self.x.items()}
+                content = RecordDict(
+                    {
+                        self.arrayrecord_key: _record(self.x),
+                        BC_G_RECORD: _record(g),
+                        self.configrecord_key: cfg,
+                    }
+                )
+                dense += 1
+            total += record_bytes(content)
+            out.append(
+                Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node)
+            )
+        self._down[server_round] = (total, dense)
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """EF21's uplink, then ``b = C_M(w - g)``, ``g <- g + b``, ``x <- x + eta g``."""
+        self._arrays.pop(server_round, None)
+        down, dense = self._down.pop(server_round, (0, 0))
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
+        for msg in errors:  # e.g. a node that could not apply b: dense state next time
+            self.node_version.pop(msg.metadata.src_node_id, None)
+        if self.x is None or not valid:
+            return None, None
+        used, counts, up = self._collect(server_round, valid, self.x)
+        for msg in valid:  # the version each replying node now holds
+            if REPLY_RECORD in msg.content and KEY_BC_VERSION in msg.content[REPLY_RECORD]:
+                ver = int(msg.content[REPLY_RECORD][KEY_BC_VERSION])  # type: ignore[arg-type]
+                self.node_version[msg.metadata.src_node_id] = ver
+        w = self.state.mean(len(self.nodes), self.x)
+        g = self.g or {k: np.zeros_like(v) for k, v in self.x.items()}
+        diff = {k: w[k] - g[k] for k in w}
+        payloads, b = encode_update(diff, self.downlink, seed=self.version)
+        self._b = ArrayRecord(
+            {
+                k: Array(
+                    dtype=str(diff[k].dtype),
+                    shape=tuple(int(d) for d in diff[k].shape),
+                    stype=self.downlink.stype,
+                    data=payloads[k],
+                )
+                for k in diff
+            }
+        )
+        self.x, self.g = bc_step(self.x, g, b, self.server_lr)
+        self.version += 1
+        metrics = self._metrics(used, counts, up, self.g)
+        n_msgs = max(1, len(valid) + len(errors))
+        metrics["downlink-bytes"] = int(down)
+        metrics["downlink-bytes-per-node"] = down / n_msgs
+        metrics["ef21-bc-dense"] = int(dense)
+        return _record(self.x), metrics
