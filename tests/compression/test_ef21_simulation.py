@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from sklearn.datasets import load_digits
 
 from flwr_ext.compression.ef21 import STATE_KEY, EF21ClientState, _load, client_sync, ef21_mod
-from flwr_ext.strategies import EF21
+from flwr_ext.strategies import EF21, EF21BC
 
 NODES, ROUNDS, HIDDEN = 4, 10, 32
 
@@ -99,7 +99,7 @@ def _dump_mod(out_dir: str):
     return mod
 
 
-def _server_app(out_dir: str) -> ServerApp:
+def _server_app(out_dir: str, bidirectional: bool) -> ServerApp:
     app = ServerApp()
 
     @app.main()
@@ -110,7 +110,8 @@ def _server_app(out_dir: str) -> ServerApp:
             p = {k: v.numpy() for k, v in arrays.items()}
             return MetricRecord({"accuracy": float(np.mean(_forward(p, xte)[1].argmax(1) == yte))})
 
-        strategy = EF21(fraction_evaluate=0.0, min_available_nodes=NODES, min_train_nodes=NODES)
+        kwargs = dict(fraction_evaluate=0.0, min_available_nodes=NODES, min_train_nodes=NODES)
+        strategy = EF21BC(downlink_density=0.1, **kwargs) if bidirectional else EF21(**kwargs)
         init = ArrayRecord({k: Array(v) for k, v in _init().items()})
         result = strategy.start(
             grid, init, num_rounds=ROUNDS, train_config=ConfigRecord(), evaluate_fn=evaluate
@@ -127,15 +128,18 @@ def _server_app(out_dir: str) -> ServerApp:
     return app
 
 
-@pytest.mark.slow  # ~16 s: one Ray start-up
+@pytest.mark.slow  # ~16 s each: one Ray start-up
 @pytest.mark.timeout(300)
-def test_ef21_simulation_trains_with_fewer_bytes_and_consistent_state(tmp_path) -> None:
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["ef21", "ef21-bc"])
+def test_ef21_simulation_trains_with_fewer_bytes_and_consistent_state(
+    tmp_path, bidirectional: bool
+) -> None:
     from flwr.simulation import run_simulation
 
     client = ClientApp(mods=[_dump_mod(str(tmp_path)), ef21_mod(density=0.1)])
     client.train()(_client_fn)
     run_simulation(
-        server_app=_server_app(str(tmp_path)),
+        server_app=_server_app(str(tmp_path), bidirectional),
         client_app=client,
         num_supernodes=NODES,
         backend_config={
@@ -149,6 +153,9 @@ def test_ef21_simulation_trains_with_fewer_bytes_and_consistent_state(tmp_path) 
     assert last["ef21-accepted"] == NODES and last["ef21-rejected"] == 0
     raw = sum(v.nbytes for v in _init().values())
     assert last["uplink-bytes-per-update"] < raw / 5
+    if bidirectional:  # round 1 dense (x and g), then b only
+        assert summary["train"]["1"]["ef21-bc-dense"] == NODES
+        assert last["ef21-bc-dense"] == 0 and last["downlink-bytes-per-node"] < raw / 5
     # every SuperNode's g_i (after committing its acknowledged last c_i) == the server mirror
     mirrors = np.load(tmp_path / "mirrors.npz")
     assert len(summary["accepted"]) == NODES
