@@ -288,8 +288,11 @@ def test_warmup_schedule() -> None:
     n1 = np.count_nonzero(decode_tensor(compress(state, x, server_round=1)["w"]))
     n9 = np.count_nonzero(decode_tensor(compress(state, x, server_round=9)["w"]))
     assert (n1, n9) == (2500, 10)
-    # the default dgc preset: 0.5% from the first update, no warm-up
+    # the default dgc preset is the paper's: its warm-up keeps 25 % on the first reply
     state = CompressionState(get_preset("dgc"))
+    assert np.count_nonzero(decode_tensor(compress(state, x, server_round=1)["w"])) == 2500
+    # the pre-issue-18 pipeline, by its spec: 0.5 % from the first update, no warm-up
+    state = CompressionState(get_preset("dgc:density=0.005,momentum=0,warmup=none"))
     assert np.count_nonzero(decode_tensor(compress(state, x, server_round=1)["w"])) == 50
 
 
@@ -384,7 +387,7 @@ def test_preset_spec_strings() -> None:
         {"density": 0.01, "clusters": 4},
     )
     cfg = get_preset("dgc:warmup=0.04/0.02,momentum=0.9")
-    assert cfg.warmup == (0.04, 0.02) and cfg.momentum == 0.9 and cfg.density == 0.005
+    assert cfg.warmup == (0.04, 0.02) and cfg.momentum == 0.9 and cfg.density == 0.001
     assert get_preset("fedzip").density == 0.02
     with pytest.raises(ConfigError):
         get_preset("fedzip:densty=0.1")
