@@ -9,6 +9,7 @@ from flwr_ext.strategies.fedbuff import FedBuff
 from flwr_ext.strategies.fedcompass import FedCompass
 from flwr_ext.strategies.fedfix import FedFix
 from flwr_ext.strategies.flora import FLoRA
+from flwr_ext.strategies.scafcom import SCAFCOM, SCALLION
 
 __all__ = [
     "Compressed",
@@ -20,5 +21,7 @@ __all__ = [
     "FedCompass",
     "FedFix",
     "FLoRA",
+    "SCAFCOM",
+    "SCALLION",
     "build_strategy",
 ]

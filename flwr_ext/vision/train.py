@@ -19,6 +19,7 @@ def train_local(
     lr: float = 0.05,
     momentum: float = 0.0,
     seed: int = 0,
+    grad_offset: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, int]:
     """Run mini-batch SGD on ``(x, y)``.
 
@@ -39,6 +40,10 @@ def train_local(
         SGD hyper-parameters.
     seed : int
         Seed of the shuffling.
+    grad_offset : dict[str, torch.Tensor], optional
+        Added to the gradient of the parameter of that name before every step: SCAFFOLD's
+        drift correction ``c - c_i`` (the ``"scafcom-correction"`` record of
+        :func:`flwr_ext.compression.scafcom.scafcom_mod`).
 
     Returns
     -------
@@ -52,6 +57,7 @@ def train_local(
     total = steps if steps > 0 else epochs * batches_per_epoch
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    offsets = [(n, p) for n, p in model.named_parameters() if grad_offset and n in grad_offset]
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     loss_sum, done = 0.0, 0
@@ -64,6 +70,8 @@ def train_local(
             opt.zero_grad()
             loss = loss_fn(model(x[idx]), y[idx])
             loss.backward()
+            for name, p in offsets:
+                p.grad.add_(grad_offset[name])  # type: ignore[index,union-attr]
             opt.step()
             loss_sum += loss.item()
             done += 1
