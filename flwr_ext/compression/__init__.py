@@ -5,7 +5,8 @@ Quick start::
     # client_app.py
     app = ClientApp(mods=[compression_mod("fedzip")])
     # server_app.py
-    strategy = Compressed(FedAvg(...))
+    strategy = Compressed(FedAvg(...))                      # uplink only
+    strategy = Compressed(FedAvg(...), downlink="fedzip")   # both ways (EF21-P shadows)
 
 See ``docs/compression.md`` for the presets and the wire format.
 """
@@ -18,6 +19,7 @@ from .codec import (
     encode_tensor,
     encode_update,
 )
+from .downlink import DownlinkState, downlink_config
 from .ef21 import ef21_mod
 from .errors import (
     CompressionError,
@@ -29,7 +31,14 @@ from .errors import (
 from .feedback import CompressionState, DGCConfig, compress
 from .mod import compression_mod
 from .presets import PRESETS, get_preset, parse_spec
-from .server import Compressed, decode_arrays, decode_reply, is_compressed, support_mean
+from .server import (
+    Compressed,
+    MissingDownlinkModError,
+    decode_arrays,
+    decode_reply,
+    is_compressed,
+    support_mean,
+)
 
 __all__ = [
     "DEFAULT_MAX_ELEMENTS",
@@ -42,6 +51,8 @@ __all__ = [
     "ConfigError",
     "CorruptPayloadError",
     "DGCConfig",
+    "DownlinkState",
+    "MissingDownlinkModError",
     "PayloadLimitError",
     "PipelineConfig",
     "UnsupportedVersionError",
@@ -50,6 +61,7 @@ __all__ = [
     "decode_arrays",
     "decode_reply",
     "decode_tensor",
+    "downlink_config",
     "ef21_mod",
     "encode_tensor",
     "encode_update",

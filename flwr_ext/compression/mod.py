@@ -38,10 +38,22 @@ A train message without it (a plain Flower ``FedAvg``, no wrapper) gets an error
 (``ErrorCode.MOD_FAILED_PRECONDITION``) whose reason says to wrap the strategy in
 ``Compressed``; Flower's strategies log it on the server as "Received error in reply from
 node ...", and the run goes on instead of failing inside Flower on an undecodable payload.
+
+**Downlink** (``Compressed(..., downlink="fedzip")``, EF21-P, :mod:`flwr_ext.compression.downlink`):
+a train message whose config carries ``flwr-ext.down-version`` holds either the model (dense) or
+a compressed increment to this node's shadow ``w``. The mod applies it to the shadow it keeps
+in ``context.state`` (``flwr-ext.downlink.*``), checks the server's checksum, and hands the
+ClientApp ``w`` in place of the received arrays (so the uplink delta is ``reply - w``); the
+reply gains a ConfigRecord ``flwr-ext.downlink`` with the version it holds. A node that cannot
+apply the increment (lost state, checksum mismatch) answers with an error
+(``MOD_FAILED_PRECONDITION``) before training, and the server sends it the dense model next
+time. This works whatever the uplink preset (``"none"`` included); ``initial`` lets a node
+build the first model itself so that the first message can be an increment too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from logging import WARNING
 from typing import Any
 
@@ -53,6 +65,16 @@ from flwr.common.logger import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from .codec import PipelineConfig
+from .downlink import (
+    DENSE,
+    KEY_FROM,
+    KEY_VERSION,
+    REPLY_RECORD,
+    is_downlink,
+    load_copy,
+    node_receive,
+    save_copy,
+)
 from .feedback import CompressionState, compress
 from .hints import HINT, server_decodes
 from .presets import get_preset
@@ -79,6 +101,16 @@ def _server_round(msg: Message) -> int:
     return 0
 
 
+def _downlink_config(msg: Message) -> ConfigRecord | None:
+    """The train ConfigRecord carrying a downlink message, if any."""
+    if not msg.has_content():
+        return None
+    for rec in msg.content.config_records.values():
+        if is_downlink(rec):
+            return rec
+    return None
+
+
 def _clipping_norm(msg: Message) -> float | None:
     """The ``clipping_norm`` Flower's client-side fixed-clipping wrapper sends, if any."""
     for rec in msg.content.config_records.values():
@@ -102,6 +134,7 @@ def compression_mod(
     state_key: str = STATE_KEY,
     run_config_key: str = "compression",
     max_norm: float | None = None,
+    initial: Callable[[Context], Mapping[str, np.ndarray]] | None = None,
     **overrides: Any,
 ) -> Mod:
     """Return a Flower mod that encodes train replies with ``preset``.
@@ -126,6 +159,11 @@ def compression_mod(
     max_norm : float or None
         Bound on the decoded L2 norm of every compressed reply. ``None``: the ``clipping_norm``
         of the train config when the server sends one (client-side fixed clipping), else none.
+    initial : callable or None
+        ``initial(context) -> {name: array}``: the initial model ``x_0``, built on the node (e.g.
+        the same seeded constructor as the server's). Used only for the first downlink
+        increment of ``Compressed(..., downlink_initial="known")``, and only if its checksum
+        equals the server's; otherwise the node asks for the dense model.
 
     Returns
     -------
@@ -148,6 +186,31 @@ def compression_mod(
     def _compression_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
+        down = _downlink_config(msg)
+        if down is None:
+            return _uplink(msg, context, call_next)
+        # EF21-P downlink: rebuild this node's shadow w, train from it
+        if len(msg.content.array_records) != 1:
+            reason = "flwr-ext downlink: the train message must hold exactly one ArrayRecord"
+            return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
+        key = next(iter(msg.content.array_records))
+        copy = load_copy(context.state)
+        x0 = None
+        if initial is not None and copy.version == DENSE and int(down[KEY_FROM]) == 0:
+            x0 = initial(context)
+        why = node_receive(copy, down, msg.content[key], initial=x0)
+        save_copy(context.state, copy)
+        if why is not None:
+            reason = f"flwr-ext downlink: {why}; the server sends the dense model next time"
+            log(WARNING, "compression_mod: %s", reason)
+            return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
+        msg.content[key] = ArrayRecord({k: Array(v) for k, v in copy.arrays.items()})
+        out = _uplink(msg, context, call_next)
+        if not out.has_error() and out.has_content():
+            out.content[REPLY_RECORD] = ConfigRecord({KEY_VERSION: copy.version})
+        return out
+
+    def _uplink(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         config = _config(context)
         if config is None:
             return call_next(msg, context)

@@ -22,8 +22,18 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr_ext.wrappers import find_in_chain
 
 from .accounting import ByteCounter, record_bytes
-from .codec import DEFAULT_MAX_ELEMENTS, decode_tensor, is_sparse_payload
-from .errors import ConfigError, CorruptPayloadError
+from .codec import DEFAULT_MAX_ELEMENTS, PipelineConfig, decode_tensor, is_sparse_payload
+from .downlink import (
+    KEY_VERSION,
+    REPLY_RECORD,
+    DownlinkState,
+    Send,
+    downlink_config,
+    server_confirm,
+    server_send,
+    server_unconfirm,
+)
+from .errors import CompressionError, ConfigError, CorruptPayloadError
 from .hints import announce
 
 STYPE_PREFIX = "flwr-ext/"
@@ -235,6 +245,20 @@ def support_mean(
     return out
 
 
+class MissingDownlinkModError(CompressionError, RuntimeError):
+    """Downlink compression is on but a node's ClientApp does not apply it (no client mod)."""
+
+    def __init__(self, node: int) -> None:
+        super().__init__(
+            f"downlink compression is on (Compressed(..., downlink=...) / run-config key "
+            f"'compression-down') but node {node} replied without the "
+            f"{REPLY_RECORD!r} record: its ClientApp has no flwr-ext compression_mod, which "
+            "must apply the compressed model increments before training. Add "
+            "`mods=[compression_mod(...)]` to the ClientApp, or turn downlink compression off "
+            "(compression-down='none')"
+        )
+
+
 def _weight_key(strategy: Strategy) -> str:
     found = find_in_chain(strategy, lambda s: hasattr(s, "weighted_by_key"))
     return "num-examples" if found is None else str(found.weighted_by_key)
@@ -275,6 +299,23 @@ class Compressed(Strategy):
     Around one of our asynchronous strategies (``Compressed(FedBuff(...))``) ``start`` runs that
     strategy's engine, which decodes compressed replies with the same decoder.
 
+    **Downlink** (``downlink="fedzip"``, any preset spec or PipelineConfig): EF21-P
+    (Gruntkowska, Tyurin, Richtarik, ICML 2023; :mod:`flwr_ext.compression.downlink`). The
+    wrapper keeps a shadow ``w_i`` of the model each node holds and sends ``C(x - w_i)``
+    instead of the strategy's ``x``; both sides apply ``w_i <- w_i + C(x - w_i)``
+    bit-identically and the node trains from ``w_i``. Its reply is rebuilt as ``x + (y_i -
+    w_i)`` before the wrapped strategy sees it (EF21-P's step at ``x`` with the update computed
+    at ``w_i``). The clients must run :func:`~flwr_ext.compression.compression_mod` (any uplink
+    preset, ``"none"`` included): a reply without its downlink record raises
+    :class:`MissingDownlinkModError`. Nodes seen for the first time, and nodes whose last reply
+    did not confirm their shadow (lost reply, error reply: lost state, checksum mismatch), get
+    the model densely; the train metrics count them (``downlink-new``, ``downlink-resynced``)
+    next to ``downlink-compressed``. With ``downlink_initial="known"`` the nodes build the
+    initial model themselves (``compression_mod(initial=...)``), so the first round is
+    compressed too (checked by checksum; a node whose ``x_0`` differs asks for the dense
+    model). ``configure_evaluate`` still sends the dense model. Not for asynchronous
+    strategies yet (their engine would keep the shadows; see docs/compression.md).
+
     Parameters
     ----------
     strategy : Strategy or AsyncStrategy
@@ -289,6 +330,15 @@ class Compressed(Strategy):
     sparse_mean : bool
         Average sparse coordinates over their senders (:func:`support_mean`); not allowed
         around a Flower ``DifferentialPrivacy*`` wrapper.
+    downlink : str, PipelineConfig or None
+        Downlink compressor (a preset spec such as ``"fedzip"`` or ``"dgc:density=0.01"``;
+        residual feedback, momentum and warm-up are ignored); ``None`` / ``"none"``: the
+        strategy's messages are sent as they are.
+    downlink_initial : str
+        ``"dense"`` (default): a node's first message is the dense model; ``"known"``: nodes
+        of the first round are assumed to hold the initial arrays (verified by checksum).
+    downlink_seed : int
+        Seed of the downlink compressor's stochastic stages (random-k, QSGD).
     """
 
     def __init__(
@@ -299,6 +349,9 @@ class Compressed(Strategy):
         max_elements: int = DEFAULT_MAX_ELEMENTS,
         allow_nonfinite: bool = False,
         sparse_mean: bool = False,
+        downlink: str | PipelineConfig | None = None,
+        downlink_initial: str = "dense",
+        downlink_seed: int = 0,
     ) -> None:
         if sparse_mean and _has_dp(strategy):
             raise ConfigError("sparse_mean rescales across clients: not allowed under DP")
@@ -306,6 +359,19 @@ class Compressed(Strategy):
 
         if sparse_mean and isinstance(strategy, AsyncStrategy):
             raise ConfigError("sparse_mean averages one round's replies: not for async strategies")
+        if downlink_initial not in ("dense", "known"):
+            raise ConfigError("downlink_initial must be 'dense' or 'known'")
+        down = downlink_config(downlink)
+        if down is not None and isinstance(strategy, AsyncStrategy):
+            raise ConfigError(
+                "downlink compression through Compressed is for Flower's synchronous "
+                "strategies; the asynchronous engine does not keep per-node shadows yet"
+            )
+        #: EF21-P shadows per node (``None``: downlink not compressed)
+        self.downlink = None if down is None else DownlinkState(down, seed=int(downlink_seed))
+        self.downlink_initial = downlink_initial
+        self._shadow: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._down_counts: dict[int, dict[Send, int]] = {}
         self.sparse_mean = bool(sparse_mean)
         self.strategy = strategy
         self.csv_path = None if csv_path is None else Path(csv_path)
@@ -325,6 +391,8 @@ class Compressed(Strategy):
     def summary(self) -> None:
         """Log the wrapper and the wrapped strategy."""
         log(INFO, "\t├── Compressed: decodes flwr-ext payloads before aggregation")
+        if self.downlink is not None:
+            log(INFO, "\t├── downlink: EF21-P shadows, C = %s", self.downlink.config)
         self.strategy.summary()
 
     def configure_train(
@@ -334,11 +402,20 @@ class Compressed(Strategy):
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self._round_arrays[server_round] = arrays
         total = 0
+        if self.downlink is not None:
+            if self.downlink_initial == "known" and not self.downlink.nodes:
+                self.downlink.initial = {k: v.numpy() for k, v in arrays.items()}
+            counts = {s: 0 for s in Send}
+            messages = [self._compress_down(server_round, msg, counts) for msg in messages]
+            self._down_counts[server_round] = counts
+            self.downlink.initial = None  # later newcomers get the dense model
         for msg in messages:
             announce(msg)
             node = msg.metadata.dst_node_id
             recs = list(msg.content.array_records.values())
-            if len(recs) == 1:
+            if (server_round, node) in self._shadow:
+                pass  # _sent holds the strategy's x (set by _compress_down)
+            elif len(recs) == 1:
                 self._sent[(server_round, node)] = recs[0]
             nbytes = record_bytes(msg.content)
             total += nbytes
@@ -346,18 +423,95 @@ class Compressed(Strategy):
         self._down_round[server_round] = total
         return messages
 
+    def _compress_down(self, server_round: int, msg: Message, counts: dict[Send, int]) -> Message:
+        """Replace the strategy's ``x`` for one node by its EF21-P downlink message."""
+        assert self.downlink is not None
+        recs = list(msg.content.array_records.items())
+        if len(recs) != 1:  # nothing this wrapper can pair with a shadow: sent as it is
+            return msg
+        key, x_rec = recs[0]
+        try:
+            x = {k: v.numpy() for k, v in x_rec.items()}
+        except (TypeError, ValueError):
+            return msg
+        node = msg.metadata.dst_node_id
+        down = server_send(self.downlink, node, x)
+        counts[down.kind] += 1
+        content = RecordDict()
+        for name, rec in msg.content.items():
+            if name == key:
+                content[name] = down.record
+            elif isinstance(rec, ConfigRecord):
+                content[name] = ConfigRecord(dict(rec))  # per node: the keys differ
+            else:
+                content[name] = rec
+        cfgs = list(content.config_records.values())
+        if not cfgs:
+            content["config"] = ConfigRecord()
+            cfgs = [content["config"]]
+        for k, v in down.config.items():
+            cfgs[0][k] = v
+        self._sent[(server_round, node)] = x_rec
+        self._shadow[(server_round, node)] = down.shadow
+        return Message(
+            content=content,
+            dst_node_id=node,
+            message_type=msg.metadata.message_type,
+            group_id=msg.metadata.group_id,
+            ttl=msg.metadata.ttl,
+        )
+
+    def _receive_down(self, server_round: int, msg: Message) -> None:
+        """Confirm the node's shadow and rebase its reply onto ``x`` (in place).
+
+        Raises :class:`MissingDownlinkModError` for a reply without the mod's record and
+        :class:`CorruptPayloadError` for a version that is not the one sent.
+        """
+        assert self.downlink is not None
+        node = msg.metadata.src_node_id
+        if REPLY_RECORD not in msg.content:
+            raise MissingDownlinkModError(node)
+        version = int(msg.content[REPLY_RECORD][KEY_VERSION])  # type: ignore[arg-type]
+        del msg.content[REPLY_RECORD]
+        if not server_confirm(self.downlink, node, version):
+            raise CorruptPayloadError(f"node holds shadow version {version}, not the one sent")
+        if is_compressed(next(iter(msg.content.array_records.values()), ArrayRecord())):
+            return  # decoded against x below: x + delta
+        shadow = self._shadow[(server_round, node)]
+        x = self._sent[(server_round, node)]
+        for key, rec in list(msg.content.array_records.items()):
+            try:
+                y = {k: v.numpy() for k, v in rec.items()}
+            except (TypeError, ValueError):
+                continue
+            if set(y) != set(shadow) or any(y[k].shape != shadow[k].shape for k in y):
+                raise CorruptPayloadError("reply arrays differ from the model sent")
+            msg.content[key] = ArrayRecord(
+                {
+                    k: Array(x[k].numpy() + (y[k] - shadow[k].astype(y[k].dtype)))
+                    if y[k].dtype.kind == "f"
+                    else rec[k]
+                    for k in y
+                }
+            )
+
     def decode(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Decode replies in place; returns the replies to aggregate (corrupt ones dropped)."""
         kept: list[Message] = []
         decoded: list[tuple[Message, ArrayRecord, set[str]]] = []
         for msg in replies:
+            down = (server_round, msg.metadata.src_node_id) in self._shadow
             if msg.has_error():
+                if down:  # e.g. the node could not apply the increment: dense next time
+                    server_unconfirm(self.downlink, msg.metadata.src_node_id)  # type: ignore[arg-type]
                 kept.append(msg)
                 continue
             node = msg.metadata.src_node_id
             ref = self._sent.get((server_round, node), self._round_arrays.get(server_round))
             nbytes = record_bytes(msg.content)
             try:
+                if down:
+                    self._receive_down(server_round, msg)
                 if ref is None:
                     raise CorruptPayloadError("no record of the arrays sent to this node")
                 sparse = sparse_names(msg.content)
@@ -439,11 +593,20 @@ class Compressed(Strategy):
             "downlink-bytes-cumulative": self.bytes.downlink_total,
             "dropped-replies": self.bytes.dropped - before[2],
         }
+        counts = self._down_counts.pop(server_round, None)
+        if counts is not None:
+            sent = sum(counts.values())
+            extra["downlink-bytes-per-node"] = extra["downlink-bytes"] / sent if sent else 0.0
+            extra["downlink-compressed"] = counts[Send.COMPRESSED] + counts[Send.INITIAL]
+            extra["downlink-new"] = counts[Send.NEW]
+            extra["downlink-resynced"] = counts[Send.UNCONFIRMED]
         metrics = MetricRecord() if metrics is None else metrics
         for k, v in extra.items():
             metrics[k] = v
         for key in [k for k in self._sent if k[0] == server_round]:
             del self._sent[key]
+        for key in [k for k in self._shadow if k[0] == server_round]:
+            del self._shadow[key]
         self._round_arrays.pop(server_round, None)
         if self.csv_path is not None:
             self.bytes.to_csv(self.csv_path)
