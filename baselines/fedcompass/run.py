@@ -29,19 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from flwr_ext import sweep  # noqa: E402
 from flwr_ext.demo import APP_DIR, LABELS, strategies_available, summarize  # noqa: E402
 from flwr_ext.sim import fused_run_config, run_app  # noqa: E402
+from flwr_ext.sweep import cells_server_app, mean_sd, plot_curves  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SKEWED_TRACE = HERE / "skewed_trace.csv"
@@ -100,37 +98,6 @@ def profile_overrides(profile: str, quick: bool) -> dict[str, Any]:
     return cfg
 
 
-def profiles_server_app(profiles: list[str], seed: int, runs_dir: Path, quick: bool):
-    """A ServerApp that runs ``apps/async-vision``'s own ServerApp once per profile.
-
-    The device profile and time budget are server-side keys only (the ClientApp reads the data
-    keys, which do not change), so the profiles share one simulation: for each profile the
-    app's ``main`` runs with those keys (and its own ``output-dir``) in the run config.
-    """
-    from async_vision.server_app import main as app_main
-    from flwr.serverapp import ServerApp
-
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context) -> None:
-        base = dict(context.run_config)
-        for profile in profiles:
-            out = runs_dir / f"{profile}-s{seed}"
-            out.mkdir(parents=True, exist_ok=True)
-            keys = {**profile_overrides(profile, quick), "output-dir": str(out)}
-            t0 = time.time()
-            context.run_config = {**base, **keys}
-            try:
-                app_main(grid, context)
-            finally:
-                context.run_config = base
-            done = {"wall_s": time.time() - t0, "seed": seed, "config": {**base, **keys}}
-            (out / "done.json").write_text(json.dumps(done, indent=1, default=str))
-
-    return app
-
-
 def run_one(
     profiles: list[str],
     seed: int,
@@ -148,7 +115,8 @@ def run_one(
         overrides["num-server-rounds"] = 30
     cfg = fused_run_config(APP_DIR, overrides)
     t0 = time.time()
-    server_app = profiles_server_app(profiles, seed, runs_dir, quick)
+    cells = {p: profile_overrides(p, quick) for p in profiles}
+    server_app = cells_server_app(cells, seed, runs_dir)
     run_app(
         server_app,
         client_app,
@@ -169,59 +137,28 @@ def run_isolated(
     backend: str,
     workers: int,
 ) -> float:
-    """:func:`run_one` in a child process (own session), retried once.
+    """:func:`run_one` in a child process (:func:`flwr_ext.sweep.run_isolated`), retried once."""
 
-    Ray can fail to start on an overloaded machine and a crashed simulation can hang; the
-    child's whole process group is killed on timeout so nothing is left running.
-    """
-    cmd = [sys.executable, __file__, "--one", ",".join(profiles), str(seed)]
-    cmd += ["--out", str(runs_dir.parent), "--backend", backend, "--workers", str(workers)]
-    cmd += ["--quick"] if quick else []
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    for attempt in (1, 2):
-        t0 = time.time()
-        with (runs_dir / f"seed{seed}.log").open("a") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                pass
-            finally:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-        if all((runs_dir / f"{p}-s{seed}" / "done.json").exists() for p in profiles):
-            return time.time() - t0
-        print(f"seed {seed}: attempt {attempt} failed (rc {proc.returncode})", flush=True)
-        profiles = [p for p in profiles if not (runs_dir / f"{p}-s{seed}" / "done.json").exists()]
-        cmd[3] = ",".join(profiles)
-    return float("nan")
+    def command(todo: list[str]) -> list[str]:
+        cmd = [sys.executable, __file__, "--one", ",".join(todo), str(seed)]
+        cmd += ["--out", str(runs_dir.parent), "--backend", backend, "--workers", str(workers)]
+        return cmd + (["--quick"] if quick else [])
+
+    return sweep.run_isolated(command, profiles, seed, runs_dir, timeout)
 
 
-def _fmt(values: list[float], digits: int = 3) -> str:
-    arr = np.asarray(values, dtype=float)
-    if arr.size == 0:
-        return "-"
-    if arr.size == 1:
-        return f"{arr[0]:.{digits}f}"
-    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}"
+_fmt = mean_sd
 
 
 def aggregate(runs_dir: Path, profiles: list[str], seeds: list[int]) -> dict[str, Any]:
     """Per (profile, strategy): the summaries of every seed that finished."""
-    out: dict[str, Any] = {}
-    for profile in profiles:
-        out[profile] = {}
-        for name in strategies_available():
-            rows = []
-            for seed in seeds:
-                d = runs_dir / f"{profile}-s{seed}"
-                if (d / "done.json").exists() and (d / f"{name}.json").exists():
-                    rows.append({"seed": seed, **summarize(d, name, TARGET)})
-            out[profile][name] = rows
-    return out
+    return sweep.aggregate(
+        runs_dir,
+        profiles,
+        seeds,
+        strategies_available(),
+        lambda d, name: summarize(d, name, TARGET),
+    )
 
 
 def table(agg: dict[str, Any]) -> str:
@@ -260,39 +197,7 @@ def table(agg: dict[str, Any]) -> str:
 
 def plot(agg: dict[str, Any], path: Path) -> Path:
     """Mean accuracy over seeds against virtual time, one panel per profile (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    profiles = [p for p in agg if any(agg[p].values())]
-    fig, axes = plt.subplots(1, len(profiles), figsize=(4.2 * len(profiles), 3.6), squeeze=False)
-    for ax, profile in zip(axes[0], profiles, strict=True):
-        for name, rows in agg[profile].items():
-            if not rows:
-                continue
-            t_end = max(r["curve"][-1][0] for r in rows if r["curve"])
-            grid = np.linspace(0.0, t_end, 200)
-            curves = []
-            for r in rows:
-                t, acc = (np.asarray(v) for v in zip(*r["curve"], strict=True))
-                # accuracy holds from one evaluation to the next (step function)
-                idx = np.searchsorted(t, grid, side="right") - 1
-                curves.append(np.where(idx >= 0, acc[np.clip(idx, 0, None)], np.nan))
-            mean = np.nanmean(np.vstack(curves), axis=0)
-            ax.plot(grid, mean, label=LABELS.get(name, name), lw=1.5)
-        ax.axhline(TARGET, color="grey", ls="--", lw=0.8)
-        ax.set_title(profile)
-        ax.set_xlabel("virtual time (s)")
-        ax.set_ylim(0.0, 1.0)
-        ax.grid(alpha=0.3)
-    n_seeds = max(len(r) for per in agg.values() for r in per.values())
-    axes[0][0].set_ylabel(f"test accuracy (mean of {n_seeds} seeds)")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_curves(agg, path, (TARGET,), LABELS)
 
 
 def _no_curve(row: dict[str, Any]) -> dict[str, Any]:
