@@ -7,7 +7,14 @@ in-process round by round (no Ray: the whole sweep fits in minutes on one core):
 * ``topk-ef``       ``Compressed(FedAvg)`` + ``compression_mod`` top-k 1 %, exact values,
                     residual error feedback (``dgc:density=0.01,momentum=0,warmup=none``);
 * ``ef21``          :class:`flwr_ext.strategies.EF21` + ``ef21_mod(density=0.01)``;
-* ``ef21-bc``       :class:`flwr_ext.strategies.EF21BC` (downlink top-k 1 % too).
+* ``ef21-bc``       :class:`flwr_ext.strategies.EF21BC` (downlink top-k 1 % too);
+* ``scaffold``      SCAFFOLD, uncompressed: ``SCAFCOM(beta=1)`` with the identity compressor
+                    (reference for the two below);
+* ``scafcom``       :class:`flwr_ext.strategies.SCAFCOM` + ``scafcom_mod(density=0.01)``
+                    (top-k 1 %, local momentum ``beta``), SCAFFOLD's drift correction applied
+                    in the local steps (``train_local(grad_offset=...)``);
+* ``scallion``      :class:`flwr_ext.strategies.SCALLION` + ``scafcom_mod(unbiased=True)``
+                    (random-k scaled by d/k, at the density whose bytes match top-k 1 %).
 
 Both compressed uplinks send 1 % of the coordinates as exact float32 values with entropy-coded
 index gaps, so their uplink bytes per update are the same up to the gap coding. Data: the
@@ -41,14 +48,21 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_ext.compression import Compressed, compression_mod, ef21_mod
 from flwr_ext.compression.accounting import record_bytes
+from flwr_ext.compression.codec import PipelineConfig
+from flwr_ext.compression.scafcom import CORRECTION_RECORD, KEY_LOCAL_STEPS, scafcom_mod
 from flwr_ext.data.images import load_partition, load_test_set, to_tensors
-from flwr_ext.strategies import EF21, EF21BC
+from flwr_ext.strategies import EF21, EF21BC, SCAFCOM, SCALLION
 from flwr_ext.vision.model import DigitsCNN
 from flwr_ext.vision.train import evaluate, train_local
 
 HERE = Path(__file__).resolve().parent
-METHODS = ("fedavg", "topk-ef", "ef21", "ef21-bc")
+METHODS = ("fedavg", "topk-ef", "ef21", "ef21-bc", "scaffold", "scafcom", "scallion")
 NODES, DENSITY, ALPHA = 10, 0.01, 0.1
+LR, BATCH = 0.1, 16
+#: SCAFCOM / SCALLION settings (chosen on seed 0, see ef21.md), and random-k's density at
+#: which its payload (values only: positions come from a seed) matches top-k 1 %'s bytes.
+SCAFCOM_BETA, SCALLION_ALPHA, SCALLION_SERVER_LR, RANDOMK_DENSITY = 1.0, 0.01, 0.5, 0.013
+SCAFCOM_SERVER_LR = 1.0  # eta_g of scaffold and scafcom
 
 
 class _Grid:
@@ -72,11 +86,25 @@ def _trainer(data, seed: int, rnd: int):
         x, y = data[ctx.node_id]
         model = DigitsCNN()
         _load(model, {k: v.numpy() for k, v in msg.content["arrays"].items()})
-        train_local(model, x, y, epochs=1, batch_size=16, lr=0.1, seed=seed * 1000 + rnd)
+        offset = None
+        if CORRECTION_RECORD in msg.content:  # SCAFFOLD's c - c_i in every local step
+            offset = {k: v.numpy() for k, v in msg.content[CORRECTION_RECORD].items()}
+            offset = {k: torch.from_numpy(np.array(v)) for k, v in offset.items()}
+        _, steps = train_local(
+            model,
+            x,
+            y,
+            epochs=1,
+            batch_size=BATCH,
+            lr=LR,
+            seed=seed * 1000 + rnd,
+            grad_offset=offset,
+        )
+        metrics = MetricRecord({"num-examples": len(y), KEY_LOCAL_STEPS: steps})
         content = RecordDict(
             {
                 "arrays": ArrayRecord({k: Array(v) for k, v in _arrays(model).items()}),
-                "metrics": MetricRecord({"num-examples": len(y)}),
+                "metrics": metrics,
             }
         )
         return Message(content, reply_to=msg)
@@ -101,8 +129,21 @@ def run(method: str, seed: int, rounds: int) -> dict:
         mod = compression_mod(f"dgc:density={DENSITY},momentum=0,warmup=none")
     elif method == "ef21":
         strategy, mod = EF21(**kw), ef21_mod(density=DENSITY)
-    else:
+    elif method == "ef21-bc":
         strategy, mod = EF21BC(downlink_density=DENSITY, **kw), ef21_mod(density=DENSITY)
+    else:
+        # K: the mean number of local steps of one epoch (each client reports its own)
+        k_mean = round(float(np.mean([-(-len(d[1]) // BATCH) for d in data.values()])))
+        kw.update(local_lr=LR, local_steps=max(1, k_mean))
+        if method in ("scaffold", "scafcom"):
+            kw.update(server_lr=SCAFCOM_SERVER_LR)
+        if method == "scaffold":
+            strategy, mod = SCAFCOM(beta=1.0, **kw), scafcom_mod(config=PipelineConfig("scaffold"))
+        elif method == "scafcom":
+            strategy, mod = SCAFCOM(beta=SCAFCOM_BETA, **kw), scafcom_mod(density=DENSITY)
+        else:
+            strategy = SCALLION(alpha=SCALLION_ALPHA, server_lr=SCALLION_SERVER_LR, **kw)
+            mod = scafcom_mod(density=RANDOMK_DENSITY, unbiased=True)
     ctxs = {
         n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
         for n in range(NODES)
@@ -133,7 +174,7 @@ def run(method: str, seed: int, rounds: int) -> dict:
 
 
 def table(results: list[dict], rounds: int) -> str:
-    dense = next(r["uplink-bytes-per-update"] for r in results if r["method"] == "fedavg")
+    dense = next((r["uplink-bytes-per-update"] for r in results if r["method"] == "fedavg"), 0)
     lines = [
         f"| method | accuracy after {rounds} rounds (mean ± std) | best-seed / worst-seed |"
         " uplink B/update | downlink B/update | uplink ratio |",
@@ -159,7 +200,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--out", type=Path, default=HERE / "results-ef21")
+    ap.add_argument("--beta", type=float, default=SCAFCOM_BETA, help="SCAFCOM momentum")
+    ap.add_argument("--alpha", type=float, default=SCALLION_ALPHA, help="SCALLION alpha")
+    ap.add_argument("--server-lr", type=float, default=SCALLION_SERVER_LR, help="SCALLION eta_g")
+    ap.add_argument("--randomk-density", type=float, default=RANDOMK_DENSITY)
+    ap.add_argument("--scafcom-server-lr", type=float, default=SCAFCOM_SERVER_LR)
     args = ap.parse_args()
+    globals().update(
+        SCAFCOM_BETA=args.beta,
+        SCALLION_ALPHA=args.alpha,
+        SCALLION_SERVER_LR=args.server_lr,
+        RANDOMK_DENSITY=args.randomk_density,
+        SCAFCOM_SERVER_LR=args.scafcom_server_lr,
+    )
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,6 +228,13 @@ def main() -> None:
                 results.append(res)
     finally:
         TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    # the table also shows the other methods' stored runs of the same seeds and rounds
+    done = {(r["method"], r["seed"]) for r in results}
+    for seed in args.seeds:
+        for method in METHODS:
+            path = args.out / f"{method}-s{seed}-r{args.rounds}.json"
+            if (method, seed) not in done and path.exists():
+                results.append(json.loads(path.read_text()))
     print(table(results, args.rounds))
 
 
