@@ -299,7 +299,9 @@ def compression_setting(key: str = "compression") -> Setting:
 
 
 def _staleness_kinds() -> tuple[str, ...]:
-    return ("constant", "polynomial", "hinge")  # flwr_ext.staleness.from_config
+    from flwr_ext.staleness import KINDS
+
+    return KINDS
 
 
 def _profile_kinds() -> tuple[str, ...]:
@@ -402,6 +404,7 @@ ASYNC_ENGINE: tuple[Setting, ...] = (
     number("stale-conversion-lr", low=0, low_open=True),
     number("stale-conversion-max-residual", low=0, low_open=True),
     integer("stale-conversion-input-side", low=1),
+    number("dc-asgd-lambda", low=0),  # fedasync / fedbuff: DC-ASGD compensation (0: off)
 )
 
 #: Checks of several :data:`ASYNC_ENGINE` keys together.

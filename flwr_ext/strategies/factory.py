@@ -174,6 +174,13 @@ def build_strategy(run_config: dict[str, Any]) -> Strategy | AsyncStrategy:
         inner = build_strategy({**cfg, "stale-conversion": False})
         assert isinstance(inner, AsyncStrategy)
         return StaleConversion.from_run_config(inner, cfg)
+    if name in ("fedasync", "fedbuff") and _get(cfg, "dc-asgd-lambda", 0.0) > 0:
+        # DC-ASGD delay compensation of stale updates (Zheng et al. 2017, eq. 6)
+        from flwr_ext.strategies.delay_compensation import DelayCompensation
+
+        inner = build_strategy({**cfg, "dc-asgd-lambda": 0.0})
+        assert isinstance(inner, AsyncStrategy)
+        return DelayCompensation(inner, lam=_get(cfg, "dc-asgd-lambda", 0.0))
     if name == "fedasync":
         return FedAsync(
             alpha=_get(cfg, "alpha", 0.6),

@@ -9,6 +9,7 @@ to ``output-dir`` when set.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from flwr_ext.asyncfl import AsyncResult, AsyncStrategy
 from flwr_ext.compression import Compressed, get_preset
 from flwr_ext.compression.accounting import write_update_bytes
 from flwr_ext.compression.hints import explain_missing_decoder
+from flwr_ext.data.partition import slow_labels
 from flwr_ext.results import save_result
 from flwr_ext.strategies import build_strategy
 from flwr_ext.strategies.factory import build_start_kwargs
@@ -45,17 +47,29 @@ def main(grid: Grid, context: Context) -> None:
         str(cfg.get("dataset", "digits")), int(cfg.get("seed", 0))
     )
 
+    # intertwined partition: also the accuracy on the labels only the slow nodes hold
+    slow = None
+    if str(cfg.get("partitioner", "dirichlet")) == "intertwined":
+        labels = slow_labels(10, int(cfg.get("intertwined-slow-classes", 2)))
+        slow = torch.isin(y_test, torch.tensor(labels))
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model = DigitsCNN()
         model.load_state_dict(arrays.to_torch_state_dict())
         loss, acc = evaluate(model, x_test, y_test)
-        return MetricRecord({"loss": loss, "accuracy": acc})
+        metrics = MetricRecord({"loss": loss, "accuracy": acc})
+        if slow is not None:
+            metrics["accuracy-slow-classes"] = evaluate(model, x_test[slow], y_test[slow])[1]
+        return metrics
 
     for run_cfg, strategy, start_kwargs in runs:
         torch.manual_seed(int(cfg.get("seed", 0)))
         result = _run_strategy(grid, run_cfg, strategy, start_kwargs, evaluate_fn)
         if cfg.get("output-dir"):
-            _save(result, Path(str(cfg["output-dir"])), run_cfg["strategy"])
+            out = Path(str(cfg["output-dir"]))
+            _save(result, out, run_cfg["strategy"])
+            if hasattr(strategy, "conversions"):  # StaleConversion: one row per conversion
+                _save_rows(strategy.conversions, out / f"{run_cfg['strategy']}-conversions.csv")
 
 
 def _build(cfg: dict) -> tuple[dict, object, dict]:
@@ -103,3 +117,11 @@ def _save(result, out: Path, name: str) -> None:
             "stop_reason": result.stop_reason,
         }
         (out / f"{name}-counters.json").write_text(json.dumps(info, indent=1))
+
+
+def _save_rows(rows: list[dict], path: Path) -> None:
+    fields = ["version", "node", "staleness", "residual", "accepted", "seconds"]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else fields)
+        writer.writeheader()
+        writer.writerows(rows)
