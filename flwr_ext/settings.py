@@ -75,6 +75,9 @@ class Setting:
         A ``str`` key must not be empty.
     check : callable, optional
         Extra check of the converted value; raises ``ValueError(why)``.
+    renamed_to : str
+        A deprecated key: :func:`validate` moves its value to ``renamed_to`` with a warning
+        (see :func:`renamed`).
     """
 
     key: str
@@ -86,6 +89,7 @@ class Setting:
     choices: tuple[str, ...] | Callable[[], Iterable[str]] = field(default=())
     nonempty: bool = False
     check: Check | None = None
+    renamed_to: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -221,6 +225,33 @@ def choices(key: str, choices: tuple[str, ...] | Callable[[], Iterable[str]]) ->
     return Setting(key, "choices", choices=choices)
 
 
+def renamed(old: str, new: str) -> Setting:
+    """A deprecated spelling of ``new``: its value moves to ``new``, with a warning.
+
+    An empty value (an app's ``pyproject.toml`` keeps the old key, empty, so that
+    ``--run-config old=...`` still reaches the app) is dropped silently; the old key and a
+    different non-empty ``new`` together are refused.
+    """
+    return Setting(old, "any", renamed_to=new)
+
+
+def _rename(cfg: dict[str, Any], setting: Setting, app: str) -> None:
+    old, new = setting.key, setting.renamed_to
+    value = cfg.pop(old)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return
+    current = cfg.get(new)
+    if current is not None and str(current).strip() and current != value:
+        raise SettingError(
+            old, value, reason=f"it is the deprecated name of {new}, which is set to {current!r}"
+        )
+    cfg[new] = value
+    if (app, (old,)) not in _WARNED:
+        _WARNED.add((app, (old,)))
+        where = f"{app}: " if app else ""
+        log(WARNING, "%srun-config key %s is deprecated: use %s", where, old, new)
+
+
 def passthrough(key: str) -> Setting:
     """A known key that another validator checks (kept as it is, never reported as unknown)."""
     return Setting(key, "any")
@@ -265,6 +296,9 @@ def validate(
     missing = [k for k in required if k not in cfg]
     if missing:
         raise SettingError(missing[0], None, f"a value (the run config lacks {missing})")
+    for key, setting in table.items():
+        if setting.renamed_to and key in cfg:
+            _rename(cfg, setting, app)
     for key, setting in table.items():
         if key in cfg:
             cfg[key] = setting.parse(cfg[key])
@@ -388,7 +422,8 @@ ASYNC_ENGINE: tuple[Setting, ...] = (
     number("intertwined-slow-factor", low=0, low_open=True),
     text("checkpoint-dir"),
     integer("checkpoint-every", low=0),
-    text("resume"),
+    text("resume"),  # "" | latest | a checkpoint path
+    renamed("resume-from", "resume"),  # fedit-llm's former name
     integer("max-reply-bytes", low=0),  # 0: no limit
     number("poll-interval", low=0, low_open=True),
     number("drain-timeout", low=0),

@@ -160,3 +160,17 @@ def test_async_defaults_fit_the_default_local_connection(app: str) -> None:
     cfg = fused_run_config(APPS[app])
     assert cfg["buffer-size"] <= 2, "FedBuff would wait for a buffer two nodes fill slowly"
     assert cfg["min-train-nodes"] <= 2
+
+
+@pytest.mark.parametrize("app", ["async-vision", "fedit-llm"])
+def test_resume_is_the_checkpoint_key_of_every_app(app: str) -> None:
+    """``resume`` names the checkpoint to continue from; ``resume-from`` is read as it."""
+    defaults = fused_run_config(APPS[app])
+    assert "resume" in defaults
+    keys = {s.key for s in _settings(app)}
+    assert {"resume", "resume-from"} <= keys
+    from flwr_ext.settings import validate
+
+    cfg = validate({**defaults, "resume-from": "/some/checkpoint"}, _settings(app))
+    assert cfg["resume"] == "/some/checkpoint"
+    assert "resume-from" not in cfg

@@ -96,3 +96,23 @@ def test_validate_required_and_rules() -> None:
         validate({"profile": "trace", "profile-trace": ""}, ASYNC_ENGINE, ASYNC_ENGINE_RULES)
     with pytest.raises(SettingError, match="resume = 'latest'"):
         validate({"resume": "latest"}, ASYNC_ENGINE, ASYNC_ENGINE_RULES)
+
+
+def test_resume_from_is_a_deprecated_name_of_resume(caplog) -> None:
+    """One checkpoint key for every app: ``resume``; fedit-llm's ``resume-from`` still works."""
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        cfg = validate({"resume-from": "/ckpt/run"}, ASYNC_ENGINE, app="test-rename")
+    assert cfg == {"resume": "/ckpt/run"}
+    assert "resume-from is deprecated: use resume" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flwr"):  # the empty placeholder: no warning
+        assert validate({"resume-from": "", "resume": ""}, ASYNC_ENGINE, app="x") == {"resume": ""}
+    assert "deprecated" not in caplog.text
+    # the same value under both names is fine; two different ones are refused
+    cfg = validate({"resume-from": "/a", "resume": "/a"}, ASYNC_ENGINE)
+    assert cfg == {"resume": "/a"}
+    with pytest.raises(SettingError, match="resume-from = '/a' .*deprecated name of resume"):
+        validate({"resume-from": "/a", "resume": "/b"}, ASYNC_ENGINE)
+    # the alias goes through the rules of the new name
+    with pytest.raises(SettingError, match="resume = 'latest'"):
+        validate({"resume-from": "latest"}, ASYNC_ENGINE, ASYNC_ENGINE_RULES)

@@ -59,7 +59,7 @@ def test_fedit_simulation_resume(tmp_path):
     losses = [r["eval-loss"] for r in res["rounds"]]
     # resume: one more round from the round-2 checkpoint continues the count and the loss
     out2 = tmp_path / "resumed"
-    res2 = run(config(out2, **{"num-server-rounds": 3, "resume-from": str(out)}))
+    res2 = run(config(out2, **{"num-server-rounds": 3, "resume": str(out)}))
     assert [r["round"] for r in res2["rounds"]] == [2, 3]
     assert res2["rounds"][0]["eval-loss"] == pytest.approx(losses[-1], rel=1e-5)
     assert res2["rounds"][1]["eval-loss"] < losses[-1]

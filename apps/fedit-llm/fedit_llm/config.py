@@ -113,7 +113,6 @@ SETTINGS = (
     number("fedadam-eta-l", low=0, low_open=True),
     number("fedadam-tau", low=0, low_open=True),
     integer("checkpoint-every", low=0),
-    text("resume-from"),
     compression_setting(),
     boolean("progress"),
     # record-level DP-SGD (flwr_ext.privacy.DPConfig reads them; 0 = off)

@@ -4,7 +4,7 @@ Each round the server evaluates the global adapter (response loss, perplexity, a
 category by greedy generation on rounds that are multiples of ``eval-generate-every`` and the last
 round; 0 = last round only), logs loss and bytes, appends sample generations to
 ``<output-dir>/samples.jsonl``, and saves a PEFT checkpoint every ``checkpoint-every`` rounds and
-at the end. ``resume-from`` continues from a checkpoint: round index, adapter and strategy state.
+at the end. ``resume`` continues from a checkpoint: round index, adapter and strategy state.
 
 Strategy stack (outermost first): ``Compressed`` (decodes ``compression`` payloads and counts
 bytes; Flower strategies only, flwr-ext's async engine decodes them itself) -> ``ClientLevelDP``
@@ -114,15 +114,17 @@ def main(grid: Grid, context: Context) -> None:
 
     start = 0
     initial = empty_stack(model) if flora else adapter_state(model, cfg["aggregation"] == "ffa")
-    if str(cfg.get("resume-from", "")):
-        start, adapter, strat_state, _ = load_checkpoint(str(cfg["resume-from"]))
+    # ``resume``: a checkpoint-<n> dir or an output dir (its latest checkpoint); validate()
+    # has moved the deprecated ``resume-from`` here
+    if str(cfg.get("resume", "") or ""):
+        start, adapter, strat_state, _ = load_checkpoint(str(cfg["resume"]))
         restore_strategy_state(innermost(strategy), strat_state)
         if flora:
             initial = dict(strat_state["current_arrays"])
         else:
             load_adapter_state(model, adapter)
             initial = adapter_state(model, cfg["aggregation"] == "ffa")
-        log(INFO, "resumed from round %d (%s)", start, cfg["resume-from"])
+        log(INFO, "resumed from round %d (%s)", start, cfg["resume"])
     base_bytes = sum(
         p.numel() * p.element_size() for n, p in model.named_parameters() if "lora_" not in n
     )
