@@ -327,3 +327,62 @@ def test_async_strategies_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="asynchronous"):
         Compressed(FedAsync(), downlink="fedzip")
+
+
+# --------------------------------------------------------------------------- the app's key
+def _app_cfg(**overrides):
+    from pathlib import Path
+
+    from flwr_ext.sim import fused_run_config
+
+    app = Path(__file__).resolve().parents[2] / "apps" / "async-vision"
+    return fused_run_config(app, overrides)
+
+
+def test_async_vision_compression_down_key_wraps_flower_strategies_and_refuses_async_ones():
+    from async_vision.server_app import _build
+    from async_vision.settings import validate
+
+    from flwr_ext.settings import SettingError
+
+    cfg = validate(_app_cfg(strategy="fedavg", **{"compression-down": "fedzip"}))
+    _, strategy, _ = _build(cfg)
+    assert isinstance(strategy, Compressed) and strategy.downlink is not None
+    assert strategy.downlink.config.density == 0.02  # the fedzip preset, residual EF off
+    _, plain, _ = _build(validate(_app_cfg(strategy="fedavg")))
+    assert not isinstance(plain, Compressed)  # both keys 'none': Flower's FedAvg as it is
+    with pytest.raises(ValueError, match="compression-down"):
+        _build(validate(_app_cfg(strategy="fedasync", **{"compression-down": "fedzip"})))
+    with pytest.raises(SettingError):
+        validate(_app_cfg(strategy="fedavg", **{"compression-down": "nosuchpreset"}))
+
+
+@pytest.mark.slow  # one Ray start-up plus DigitsCNN training: ~30 s
+@pytest.mark.timeout(300)
+def test_async_vision_trains_with_compression_both_ways_through_the_simulation_engine(tmp_path):
+    import json
+
+    from async_vision.client_app import app as client_app
+    from async_vision.server_app import app as server_app
+
+    from flwr_ext.sim import run_app
+
+    cfg = _app_cfg(
+        strategy="fedavg",
+        compression="fedzip",
+        partitioner="iid",
+        **{"compression-down": "fedzip", "num-server-rounds": 4, "output-dir": str(tmp_path)},
+    )
+    run_app(server_app, client_app, num_supernodes=3, run_config=cfg, num_cpus_per_client=1)
+    res = json.loads((tmp_path / "fedavg.json").read_text())
+    train = res["train_metrics_clientapp"]
+    acc = res["evaluate_metrics_serverapp"]
+    assert acc["4"]["accuracy"] > acc["0"]["accuracy"] + 0.3
+    assert train["1"]["downlink-new"] == 3
+    for r in ("2", "3", "4"):
+        assert train[r]["downlink-compressed"] == 3 and train[r]["downlink-resynced"] == 0
+        assert train[r]["downlink-bytes-per-node"] < DENSE_CNN_BYTES / 50
+        assert train[r]["uplink-bytes-per-update"] < DENSE_CNN_BYTES / 50
+
+
+DENSE_CNN_BYTES = 154_288  # count_bytes() of the float32 DigitsCNN ArrayRecord

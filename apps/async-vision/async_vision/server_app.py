@@ -81,12 +81,19 @@ def _build(cfg: dict) -> tuple[dict, object, dict]:
         raise ValueError(f"run config of strategy {cfg['strategy']!r}: {exc}") from None
     compression = str(cfg.get("compression", "none") or "none")
     get_preset(compression)  # checked by validate; kept for callers that skip it
-    if compression != "none" and not isinstance(strategy, AsyncStrategy):
-        # a Flower strategy: decode replies before it aggregates. Async strategies decode in
-        # the engine (flwr_ext.asyncfl.validate) against the model version each node was sent.
+    down = str(cfg.get("compression-down", "none") or "none")
+    if down != "none" and isinstance(strategy, AsyncStrategy):
+        raise ValueError(
+            f"compression-down={down!r}: downlink compression is for Flower's strategies "
+            f"(fedavg, ...); the asynchronous engine of {cfg['strategy']!r} keeps no shadows yet"
+        )
+    if (compression != "none" or down != "none") and not isinstance(strategy, AsyncStrategy):
+        # a Flower strategy: decode replies before it aggregates (and, with compression-down,
+        # send each node C(x - w_i) against its shadow). Async strategies decode in the engine
+        # (flwr_ext.asyncfl.validate) against the model version each node was sent.
         out = str(cfg.get("output-dir", ""))
         csv = Path(out) / f"{cfg['strategy']}-bytes.csv" if out else None
-        strategy = Compressed(strategy, csv_path=csv)
+        strategy = Compressed(strategy, csv_path=csv, downlink=down)
     return cfg, strategy, start_kwargs
 
 
