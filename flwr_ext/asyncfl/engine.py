@@ -69,6 +69,10 @@ _ERROR_NAMES = {
     ErrorCode.CLIENT_APP_CRASHED: "ClientApp crashed",
 }
 #: Errors that are no fault of the node (its message waited in a queue too long).
+#: At most ``timeout * 2**MAX_BACKOFF_DOUBLINGS`` s of rest after expired messages.
+MAX_BACKOFF_DOUBLINGS = 5
+#: Seconds the warm-up waits for its probes to be answered (their TTL), at least.
+WARMUP_WAIT = 300.0
 _NOT_CHARGED = {
     _ERROR_NAMES[ErrorCode.MESSAGE_UNAVAILABLE],
     _ERROR_NAMES[ErrorCode.REPLY_MESSAGE_UNAVAILABLE],
@@ -135,6 +139,7 @@ class AsyncEngine:
         self._jobs_hold_versions = strategy.needs_weights or not options.replies_are_deltas
         # one stream for the concurrency cap's draws, seeded once; saved in checkpoints
         self._resting: dict[str, tuple[NodeState, float]] = {}  # timed-out msg id -> node, until
+        self._backoff: dict[int, tuple[NodeState, float]] = {}  # node id -> node, until
         self.sampler = random.Random(
             int(np.random.SeedSequence([options.sampler_seed, 7]).generate_state(1)[0])
         )
@@ -298,18 +303,27 @@ class AsyncEngine:
             time.sleep(1.0)
 
     def probe(
-        self, node_ids: list[int], *, need: int | None = None, counter: str = "probe-jobs"
+        self,
+        node_ids: list[int],
+        *,
+        need: int | None = None,
+        counter: str = "probe-jobs",
+        wait: float | None = None,
     ) -> dict[int, int]:
         """One short job per node (``local-steps = 1``, ``flwr-ext-identify = 1``).
 
         Replies are read only for their ``partition-id`` (no update, no event, no row). Waits
-        until every node answered, or ``need`` of them, or ``min(timeout, 600)`` wall seconds.
+        until every node answered, or ``need`` of them, or ``wait`` wall seconds (default
+        ``min(timeout, 600)``); the probe messages live that long too (their TTL), so a
+        ClientApp that is still starting can answer them.
         Returns ``node id -> partition-id`` of the nodes that reported one.
         """
+        wait = min(self.options.timeout, 600.0) if wait is None else wait
         arrays = self.versions[self.version].arrays
         cfg = {**self.train_config, "server-round": self.version, "local-steps": 1}
         cfg["flwr-ext-identify"] = 1
-        msgs = [self.train_message(nid, arrays, cfg) for nid in node_ids]
+        ttl = max(self.options.timeout, wait)
+        msgs = [self.train_message(nid, arrays, cfg, ttl=ttl) for nid in node_ids]
         ids = set(self.grid.push_messages(msgs))
         want = {m.metadata.message_id: nid for m, nid in zip(msgs, node_ids, strict=True)}
         want = {mid: nid for mid, nid in want.items() if mid in ids}
@@ -317,7 +331,7 @@ class AsyncEngine:
         keys: dict[int, int] = {}
         answered = 0
         goal = len(want) if need is None else min(need, len(want))
-        deadline = time.monotonic() + min(self.options.timeout, 600.0)
+        deadline = time.monotonic() + wait
         while want and answered < goal and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(want)):
                 nid = want.pop(reply.metadata.reply_to_message_id, None)
@@ -336,10 +350,14 @@ class AsyncEngine:
 
         The Simulation Engine can take a minute to start its ClientApps; without a warm-up a
         wall-clock budget is mostly spent waiting for them. Nodes learn their identity too.
+        The probes wait (and live) up to :data:`WARMUP_WAIT` s, or ``timeout`` if longer (at
+        most 600 s), whatever the job timeout: a short timeout must not expire them while Ray
+        starts.
         """
         t0 = time.monotonic()
         nodes = list(self.registry.nodes.values())
-        keys = self.probe([n.node_id for n in nodes], need=self.options.min_nodes)
+        wait = min(max(self.options.timeout, WARMUP_WAIT), 600.0)
+        keys = self.probe([n.node_id for n in nodes], need=self.options.min_nodes, wait=wait)
         for node in nodes:
             if node.node_id in keys:
                 self.registry.set_key(node, keys[node.node_id])
@@ -456,8 +474,10 @@ class AsyncEngine:
         if self._jobs_hold_versions:
             self.versions.acquire(job.version)
 
-    def train_message(self, node_id: int, arrays: ArrayRecord, cfg: dict[str, Any]) -> Message:
-        """A train instruction as Flower's FedAvg builds it."""
+    def train_message(
+        self, node_id: int, arrays: ArrayRecord, cfg: dict[str, Any], ttl: float | None = None
+    ) -> Message:
+        """A train instruction as Flower's FedAvg builds it (TTL: the job timeout by default)."""
         content = RecordDict(
             {
                 self.strategy.arrayrecord_key: arrays,
@@ -468,7 +488,7 @@ class AsyncEngine:
             content=content,
             dst_node_id=node_id,
             message_type=MessageType.TRAIN,
-            ttl=self.options.timeout,
+            ttl=self.options.timeout if ttl is None else ttl,
         )
 
     # ------------------------------------------------------------------ pull and order
@@ -563,12 +583,15 @@ class AsyncEngine:
             if not event.timer.cancelled and not self._draining:
                 self.strategy.on_timer(self, event.timer)
         elif isinstance(event, JobErrored):
-            self._end_job(event.job)
+            # an expired TTL says the message waited (behind someone else) or outlived its TTL
+            # while its ClientApp ran, not that this node failed: counted, never charged toward
+            # its retirement; the node backs off instead of getting a new job at once
+            expired = event.kind in _NOT_CHARGED
+            self._end_job(event.job, free=not expired)
             self._record(event.job, None, accepted=False, reason=event.reason)
-            # an expired TTL says the message waited (behind someone else), not that this
-            # node failed: counted, never charged toward its retirement
-            charge = event.kind not in _NOT_CHARGED
-            self._failed(event.job, event.kind, event.reason, error=True, charge=charge)
+            if expired:
+                self._back_off(event.job.node)
+            self._failed(event.job, event.kind, event.reason, error=True, charge=not expired)
         elif isinstance(event, ReplyRefused):
             self._end_job(event.job)
             self.counters["updates-received"] += 1
@@ -676,6 +699,23 @@ class AsyncEngine:
             if now >= until:
                 del self._resting[mid]
                 self.registry.mark_free(node)
+        for nid, (node, until) in list(self._backoff.items()):
+            if now >= until:
+                del self._backoff[nid]
+                self.registry.mark_free(node)
+
+    def _back_off(self, node: NodeState) -> None:
+        """A message to ``node`` expired: it rests ``timeout * 2**k`` wall s before its next job.
+
+        ``k`` counts its expired messages since its last valid reply (at most
+        :data:`MAX_BACKOFF_DOUBLINGS` doublings). The Simulation Engine expires a message whose
+        ClientApp runs past its TTL, and a SuperNode runs its messages one after another: a new
+        job sent at once would expire in turn (measured: a node sleeping 3 s under a 1 s
+        timeout got a new job every second, 12 in 13 s, each holding a ClientApp worker).
+        """
+        k = min(node.expired, MAX_BACKOFF_DOUBLINGS)
+        node.expired += 1
+        self._backoff[node.node_id] = (node, time.monotonic() + self.options.timeout * 2**k)
 
     def _late_reply(self, msg_id: str) -> None:
         """The reply of a job that timed out came: its node is free again."""

@@ -94,8 +94,9 @@ class NodeRegistry:
         node.busy = False
 
     def succeeded(self, node: NodeState) -> None:
-        """A valid reply: the node's consecutive-failure count restarts."""
+        """A valid reply: the node's consecutive-failure and expired-message counts restart."""
         node.failures = 0
+        node.expired = 0
 
     def failed(self, node: NodeState, reason: str) -> bool:
         """One failure of ``node`` (error, rejected reply, timeout); retire it at the limit.

@@ -27,7 +27,9 @@ class NodeState:
 
     ``rank`` is the discovery order (stable across a resume), ``key`` the ``partition-id`` the
     node reported (``None`` until it does); :attr:`ident` is the key the clock, the records and
-    the strategies use. ``failures`` counts consecutive failed jobs of this node only.
+    the strategies use. ``failures`` counts consecutive failed jobs of this node only,
+    ``expired`` its messages that expired (TTL) since its last valid reply (never charged as
+    failures; they set the node's back-off).
     """
 
     node_id: int
@@ -35,6 +37,7 @@ class NodeState:
     key: int | None = None
     jobs: int = 0
     failures: int = 0
+    expired: int = 0
     busy: bool = False
     retired: bool = False
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -55,4 +55,51 @@ def main(grid: Grid, context: Context) -> None:
     res.write_csv(out / "updates.csv")
     final = res.arrays["w"].numpy().tolist()
     info = {"counters": res.counters, "reasons": res.reasons, "final": final}
+    (out / "result.json").write_text(json.dumps(info))
+
+
+# --- one slow node under a real clock (issue 15, item 1) -------------------------------------
+#: Seconds partition 0 sleeps per job in ``slow_client_app``; the server's job timeout is
+#: ``SLOW_TIMEOUT``, so every job sent to partition 0 times out while its ClientApp still runs.
+SLOW_SLEEP = 3.0
+SLOW_TIMEOUT = 1.0
+
+slow_client_app = ClientApp()
+
+
+@slow_client_app.train()
+def slow_train(msg: Message, context: Context) -> Message:
+    import time
+
+    pid = int(context.node_config["partition-id"])
+    time.sleep(SLOW_SLEEP if pid == 0 else 0.05)
+    w = msg.content["arrays"]["w"].numpy()
+    metrics = MetricRecord({"num-examples": 10, "num-steps": 5})
+    reply = RecordDict({"arrays": ArrayRecord({"w": Array(w + 0.01)}), "metrics": metrics})
+    reply["identity"] = ConfigRecord({"partition-id": pid})
+    return Message(reply, reply_to=msg)
+
+
+slow_server_app = ServerApp()
+
+
+@slow_server_app.main()
+def slow_main(grid: Grid, context: Context) -> None:
+    from flwr_ext.asyncfl import RealClock
+    from flwr_ext.strategies import FedBuff
+
+    out = Path(str(context.run_config["output-dir"]))
+    res = FedBuff(buffer_size=2).start(
+        grid,
+        ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
+        num_rounds=int(context.run_config["num-server-rounds"]),
+        timeout=SLOW_TIMEOUT,
+        clock=RealClock(),
+        min_nodes=5,
+        warmup=True,  # the Simulation Engine takes seconds to start its ClientApps
+        max_failures=3,
+        wall_timeout=120,
+    )
+    res.write_csv(out / "updates.csv")
+    info = {"stop": res.stop_reason, "counters": res.counters, "reasons": res.reasons}
     (out / "result.json").write_text(json.dumps(info))

@@ -321,6 +321,50 @@ def test_one_slow_node_does_not_end_the_federation():
     ]  # noqa: E501
 
 
+class ExpiringQueueGrid(QueueGrid):
+    """Like the Simulation Engine: a message whose ClientApp runs past its TTL is answered with
+    MESSAGE_UNAVAILABLE at the TTL, while the ClientApp keeps its worker until it is done."""
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error, Message
+        from flwr.common.constant import ErrorCode
+
+        out = list(super().pull_messages(message_ids))
+        now = time.monotonic()
+        for mid, done in list(self._running.items()):
+            msg = self._pending.get(mid)
+            if msg is not None and now - self._pushed_at[mid] > msg.metadata.ttl:
+                del self._pending[mid]  # the reply will be dropped; the worker stays busy
+                self._running[mid] = done
+                out.append(Message(Error(ErrorCode.MESSAGE_UNAVAILABLE, "expired"), reply_to=msg))
+        for mid, done in list(self._running.items()):
+            if mid not in self._pending and done <= now:
+                del self._running[mid]
+        return out
+
+
+def test_a_node_whose_messages_expire_backs_off():
+    """Node 0's jobs run 0.6 s under a 0.1 s timeout: each expires while its ClientApp runs.
+    Before, the node got a new job at every expiry (each one holding a worker for 0.6 s); now
+    it rests timeout * 2**k after its k-th expiry in a row, and is never charged or retired."""
+    from flwr_ext.asyncfl import RealClock
+
+    grid = ExpiringQueueGrid(random_client, 4, workers=4, slow=0, slow_s=0.6, seed=1)
+    t0 = time.monotonic()
+    res = FedBuff(buffer_size=2).start(
+        grid, init_arrays(), num_rounds=10**6, timeout=0.1, clock=RealClock(),
+        poll_interval=0.002, max_failures=2, wall_timeout=2.0,
+    )  # fmt: skip
+    wall = time.monotonic() - t0
+    slow_jobs = [r for r in res.updates if grid.partition[r.node_id] == 0]
+    # back-off 0.1, 0.2, 0.4, 0.8 s ...: about log2(wall / timeout) + 1 jobs; without it
+    # wall / timeout (~20)
+    assert 3 <= len(slow_jobs) <= 7, (len(slow_jobs), wall)
+    assert res.counters.get("nodes-retired", 0) == 0
+    assert {grid.partition[r.node_id] for r in res.updates if r.applied_in >= 0} == {1, 2, 3}
+    assert all(r.reason.startswith("message unavailable") for r in slow_jobs[:-1])
+
+
 def test_expired_ttl_is_not_charged_and_a_retired_node_can_come_back():
     calls = {"n": 0}
 
@@ -360,6 +404,30 @@ def test_warmup_probes_every_node_before_the_clock_starts():
     )
     assert res.counters["probe-jobs"] == 4 and res.counters["jobs-dispatched"] >= 3
     assert grid.pushed == 4 + res.counters["jobs-dispatched"]
+
+
+def test_warmup_probes_outlive_a_short_job_timeout():
+    """The warm-up's probes live (TTL) and are waited for ``WARMUP_WAIT`` s whatever the job
+    timeout. Before, they had the job timeout as TTL: with ``timeout=1.5`` every probe expired
+    while the Simulation Engine was still starting its ClientApps (29-62 s here), the warm-up
+    ended with no node answered, and 150-210 jobs expired before the first update."""
+    from flwr_ext.asyncfl.engine import WARMUP_WAIT
+
+    ttls: list[float] = []
+
+    class Recording(FakeGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            ttls.extend(m.metadata.ttl for m in messages)
+            return super().push_messages(messages)
+
+    grid = Recording(random_client, 3, seed=0)
+    FedAsync().start(
+        grid, init_arrays(), num_rounds=2, timeout=0.5, clock=vclock(), poll_interval=0,
+        warmup=True,
+    )  # fmt: skip
+    assert ttls[:3] == [WARMUP_WAIT] * 3
+    assert set(ttls[3:]) == {0.5}
 
 
 def test_one_client_cannot_own_the_weight_with_a_huge_count():
