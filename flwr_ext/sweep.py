@@ -8,9 +8,8 @@ keys, which must not differ between the cells of one simulation. Each simulation
 process (:func:`run_isolated`), the per-run files go to ``<runs>/<cell>-s<seed>/``, and the
 results are aggregated over seeds (:func:`aggregate`, :func:`mean_sd`, :func:`plot_curves`).
 
-Used by ``baselines/fedcompass/run.py`` and ``baselines/async-zoo/run.py``. The app is loaded
-from its folder (:data:`flwr_ext.demo.APP_DIR`) inside the ServerApp, never imported here at
-module level: the library does not depend on an app.
+Used by ``baselines/fedcompass/run.py`` and ``baselines/async-zoo/run.py``, which pass the
+app's ServerApp ``main`` (``app_main``): the library never imports an app.
 """
 
 from __future__ import annotations
@@ -45,8 +44,10 @@ def cells_server_app(
     seed: int,
     runs_dir: Path,
     variants: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    app_main: Callable[[Any, Any], None],
 ):
-    """A ServerApp that runs ``apps/async-vision``'s own ServerApp once per cell and variant.
+    """A ServerApp that runs an app's own ServerApp ``main`` once per cell and variant.
 
     Parameters
     ----------
@@ -62,8 +63,10 @@ def cells_server_app(
         to ``<cell dir>/<variant>/``, so two variants of one strategy (FedBuff with and
         without a server optimizer) keep apart. ``None``: one run of the base run config
         (its ``strategy`` may list several, written side by side in the cell directory).
+    app_main : callable
+        The app's ServerApp ``main(grid, context)`` (e.g. ``async_vision.server_app.main``),
+        called once per cell and variant with the cell's run config.
     """
-    from async_vision.server_app import main as app_main
     from flwr.serverapp import ServerApp
 
     app = ServerApp()

@@ -157,6 +157,7 @@ def run_one(
 ) -> float:
     """One simulation (seed ``seed``): every profile (same data keys), every variant."""
     from async_vision.client_app import app as client_app
+    from async_vision.server_app import main as app_main
 
     (group,) = groups(profiles)
     overrides = {**COMMON, **DATA.get(group[0], {}), "seed": seed}
@@ -165,7 +166,7 @@ def run_one(
     chosen = {k: VARIANTS[k] for k in (variants or VARIANTS)}
     t0 = time.time()
     run_app(
-        sweep.cells_server_app(cells, seed, runs_dir, chosen),
+        sweep.cells_server_app(cells, seed, runs_dir, chosen, app_main=app_main),
         client_app,
         num_supernodes=NUM_CLIENTS,
         run_config=cfg,

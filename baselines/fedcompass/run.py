@@ -108,6 +108,7 @@ def run_one(
 ) -> float:
     """One real Flower simulation (seed ``seed``): every profile, the four strategies each."""
     from async_vision.client_app import app as client_app
+    from async_vision.server_app import main as app_main
 
     names = strategies_available()
     overrides = {**COMMON, "seed": seed, "strategy": ",".join(names)}
@@ -116,7 +117,7 @@ def run_one(
     cfg = fused_run_config(APP_DIR, overrides)
     t0 = time.time()
     cells = {p: profile_overrides(p, quick) for p in profiles}
-    server_app = cells_server_app(cells, seed, runs_dir)
+    server_app = cells_server_app(cells, seed, runs_dir, app_main=app_main)
     run_app(
         server_app,
         client_app,
