@@ -12,6 +12,7 @@ read without a copy), keys, shapes, dtypes, finiteness.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, insort
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
@@ -136,7 +137,13 @@ class Intake:
         self.count_ratio = float(count_ratio)
         self.handled: set[str] = set()
         self.recent_counts: deque[float] = deque(maxlen=1000)
+        self._sorted_counts: list[float] = []  # the same counts, sorted (for the median)
         self.clipped = 0
+
+    def _median_count(self) -> float:
+        """``np.median(recent_counts)``, read off the sorted copy (no array built per reply)."""
+        s, m = self._sorted_counts, len(self._sorted_counts)
+        return s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2
 
     def bound_count(self, n: float) -> float:
         """``n`` clipped to ``count_ratio`` times the median of the recent accepted counts.
@@ -146,11 +153,14 @@ class Intake:
         once 3 counts were seen; ``count_ratio = 0`` disables it.
         """
         if self.count_ratio > 0 and len(self.recent_counts) >= 3:
-            cap = self.count_ratio * float(np.median(self.recent_counts))
+            cap = self.count_ratio * self._median_count()
             if n > cap:
                 self.clipped += 1
                 n = cap
+        if len(self.recent_counts) == self.recent_counts.maxlen:
+            del self._sorted_counts[bisect_left(self._sorted_counts, self.recent_counts[0])]
         self.recent_counts.append(n)
+        insort(self._sorted_counts, n)
         return n
 
     # ------------------------------------------------------------------ the ledger
