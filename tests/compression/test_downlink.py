@@ -357,7 +357,7 @@ def test_async_vision_compression_down_key_wraps_flower_strategies_and_refuses_a
         validate(_app_cfg(strategy="fedavg", **{"compression-down": "nosuchpreset"}))
 
 
-@pytest.mark.slow  # one Ray start-up plus DigitsCNN training: ~30 s
+@pytest.mark.slow  # Ray start-up + DigitsCNN training: 16 s here
 @pytest.mark.timeout(300)
 def test_async_vision_trains_with_compression_both_ways_through_the_simulation_engine(tmp_path):
     import json
