@@ -18,7 +18,8 @@ same initial model, fresh virtual clock each):
 Every seed is ONE run of ``apps/async-vision`` through :func:`flwr_ext.sim.run_app` (inline
 backend: virtual clock, Simulation Engine results, no Ray); its ServerApp runs the app's own
 ``main`` once per treatment with the treatment's keys (as ``baselines/fedcompass/run.py`` does
-per profile). Per-run files go to ``runs/<treatment>-s<seed>/``; ``time_to_accuracy.md``,
+per profile, through :mod:`flwr_ext.sweep`). Per-run files go to
+``runs/intertwined-s<seed>/<treatment>/``; ``time_to_accuracy.md``,
 ``results.json`` and ``accuracy_vs_time.png`` are aggregated over seeds (the table goes to
 ``time_to_accuracy.md``; ``results.md`` is the update-level comparison of
 ``measure_conversion.py``).
@@ -26,7 +27,7 @@ per profile). Per-run files go to ``runs/<treatment>-s<seed>/``; ``time_to_accur
 Usage::
 
     OMP_NUM_THREADS=1 .venv/bin/python baselines/unlimited-staleness/run.py             # 3 seeds
-    OMP_NUM_THREADS=1 .venv/bin/python baselines/unlimited-staleness/run.py --seeds 0 --time
+    OMP_NUM_THREADS=1 .venv/bin/python baselines/unlimited-staleness/run.py --aggregate-only
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ import numpy as np
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from flwr_ext import sweep  # noqa: E402
 from flwr_ext.results import load_result  # noqa: E402
 from flwr_ext.sim import fused_run_config, run_app  # noqa: E402
+from flwr_ext.sweep import cells_server_app, mean_curve, mean_sd  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 APP_DIR = HERE.parents[1] / "apps" / "async-vision"
@@ -104,50 +107,19 @@ LABELS = {
 }
 
 
-def treatments_server_app(treatments: list[str], seed: int, runs_dir: Path, timings: bool):
-    """A ServerApp that runs ``apps/async-vision``'s own ServerApp once per treatment."""
-    from async_vision.server_app import main as app_main
-    from flwr.serverapp import ServerApp
-
-    app = ServerApp()
-
-    @app.main()
-    def main(grid, context) -> None:
-        base = dict(context.run_config)
-        for name in treatments:
-            out = runs_dir / f"{name}-s{seed}"
-            out.mkdir(parents=True, exist_ok=True)
-            keys = {**TREATMENTS[name], "output-dir": str(out)}
-            t0, c0 = time.time(), time.process_time()
-            context.run_config = {**base, **keys}
-            try:
-                app_main(grid, context)
-            finally:
-                context.run_config = base
-            wall = time.time() - t0
-            done = {
-                "wall_s": wall,
-                "server_cpu_s": time.process_time() - c0,
-                "seed": seed,
-                "config": {**base, **keys},
-            }
-            (out / "done.json").write_text(json.dumps(done, indent=1, default=str))
-            if timings:
-                print(f"  {name} (seed {seed}): {wall:.1f} s wall", flush=True)
-
-    return app
+CELL = "intertwined"  # the one setting; the treatments are its variants
 
 
-def run_seed(
-    treatments: list[str], seed: int, runs_dir: Path, workers: int, timings: bool = False
-) -> float:
+def run_seed(seed: int, runs_dir: Path, workers: int) -> float:
     """One inline Flower run (seed ``seed``): every treatment, one after the other."""
     from async_vision.client_app import app as client_app
+    from async_vision.server_app import main as app_main
 
     cfg = fused_run_config(APP_DIR, {**COMMON, "seed": seed})
     t0 = time.time()
+    server_app = cells_server_app({CELL: {}}, seed, runs_dir, TREATMENTS, app_main=app_main)
     run_app(
-        treatments_server_app(treatments, seed, runs_dir, timings),
+        server_app,
         client_app,
         num_supernodes=NUM_CLIENTS,
         run_config=cfg,
@@ -155,6 +127,16 @@ def run_seed(
         inline_workers=workers,
     )
     return time.time() - t0
+
+
+def run_isolated(seed: int, runs_dir: Path, workers: int, timeout: float) -> float:
+    """:func:`run_seed` in a child process (:func:`flwr_ext.sweep.run_isolated`), retried once."""
+
+    def command(_: list[str]) -> list[str]:
+        cmd = [sys.executable, __file__, "--one", str(seed), "--out", str(runs_dir.parent)]
+        return cmd + ["--workers", str(workers), "--max-time", str(COMMON["max-time"])]
+
+    return sweep.run_isolated(command, [CELL], seed, runs_dir, timeout)
 
 
 # ---------------------------------------------------------------------- summaries
@@ -165,8 +147,9 @@ def _first(points: list[tuple[float, int, float]], target: float) -> tuple[float
     return None
 
 
-def summarize(out: Path) -> dict[str, Any]:
-    """Final accuracies, first crossings of the targets, conversions of one run."""
+def summarize(cell: Path, name: str) -> dict[str, Any]:
+    """Final accuracies, first crossings of the targets, conversions of one treatment's run."""
+    out = cell / name
     res = load_result(out / f"{STRATEGY}.json")
     evals = res["evaluate_metrics_serverapp"]
     rows = sorted(
@@ -186,7 +169,6 @@ def summarize(out: Path) -> dict[str, Any]:
     ]
     conv_path = out / f"{STRATEGY}-conversions.csv"
     conv = list(csv.DictReader(conv_path.open())) if conv_path.exists() else []
-    done = json.loads((out / "done.json").read_text())
     return {
         "final_accuracy": rows[-1][2],
         "final_slow_accuracy": rows[-1][3],
@@ -204,30 +186,18 @@ def summarize(out: Path) -> dict[str, Any]:
         "conversion_residual_mean": float(np.mean([float(c["residual"]) for c in conv]))
         if conv
         else None,
-        "wall_s": done["wall_s"],
+        "wall_s": float(counters["wall-time"]),
         "curve": [[t, v, a, s] for t, v, a, s in rows],
     }
 
 
 def aggregate(runs_dir: Path, seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
     """Per treatment: the summaries of every seed that finished."""
-    out: dict[str, list[dict[str, Any]]] = {}
-    for name in TREATMENTS:
-        out[name] = [
-            {"seed": s, **summarize(runs_dir / f"{name}-s{s}")}
-            for s in seeds
-            if (runs_dir / f"{name}-s{s}" / "done.json").exists()
-        ]
-    return out
+    return sweep.aggregate(runs_dir, [CELL], seeds, list(TREATMENTS), summarize)[CELL]
 
 
 def _fmt(values: list[float], digits: int = 3) -> str:
-    arr = np.asarray([v for v in values if v is not None], dtype=float)
-    if arr.size == 0:
-        return "-"
-    if arr.size == 1:
-        return f"{arr[0]:.{digits}f}"
-    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}"
+    return mean_sd([v for v in values if v is not None], digits)
 
 
 def _reach(rows: list[dict[str, Any]], key: str, target: str, idx: int, digits: int) -> str:
@@ -306,13 +276,8 @@ def plot(agg: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         t_end = max(r["curve"][-1][0] for r in rows)
         grid = np.linspace(0.0, t_end, 200)
         for ax, col in zip(axes, (2, 3), strict=True):
-            curves = []
-            for r in rows:
-                t = np.asarray([p[0] for p in r["curve"]])
-                acc = np.asarray([p[col] for p in r["curve"]])
-                idx = np.searchsorted(t, grid, side="right") - 1  # step function
-                curves.append(np.where(idx >= 0, acc[np.clip(idx, 0, None)], np.nan))
-            ax.plot(grid, np.nanmean(np.vstack(curves), axis=0), label=LABELS[name], lw=1.4)
+            curves = [[(p[0], p[col]) for p in r["curve"]] for r in rows]
+            ax.plot(grid, mean_curve(curves, grid), label=LABELS[name], lw=1.4)
     n = max(len(rows) for rows in agg.values())
     for ax, title in zip(axes, ("all classes", "slow clients' classes (8, 9)"), strict=True):
         ax.set_title(title)
@@ -332,37 +297,30 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--treatments", default=",".join(TREATMENTS))
     ap.add_argument("--rerun", action="store_true", help="ignore finished runs")
     ap.add_argument("--aggregate-only", action="store_true")
-    ap.add_argument("--time", action="store_true", help="print each treatment's wall time")
     ap.add_argument("--workers", type=int, default=2, help="inline worker processes")
     ap.add_argument("--max-time", type=float, default=0.0, help="override the time budget")
+    ap.add_argument("--timeout", type=float, default=1200.0, help="per seed (s)")
+    ap.add_argument("--one", type=int, metavar="SEED", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.max_time > 0:
         COMMON["max-time"] = args.max_time
-    seeds = [int(s) for s in args.seeds.split(",") if s]
     runs_dir = args.out / "runs"
+    if args.one is not None:
+        run_seed(args.one, runs_dir, args.workers)
+        return 0
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     t0 = time.time()
     if not args.aggregate_only:
         for seed in seeds:
-            todo = [
-                n
-                for n in args.treatments.split(",")
-                if n and (args.rerun or not (runs_dir / f"{n}-s{seed}" / "done.json").exists())
-            ]
-            if todo:
-                wall = run_seed(todo, seed, runs_dir, args.workers, args.time)
+            if args.rerun or not sweep.is_done(runs_dir, CELL, seed):
+                wall = run_isolated(seed, runs_dir, args.workers, args.timeout)
                 print(f"[{time.time() - t0:7.1f} s] seed {seed}: {wall:.1f} s", flush=True)
-    all_seeds = sorted(
-        {int(p.name.rsplit("-s", 1)[1]) for p in runs_dir.glob("*-s*") if p.is_dir()}
-    )
+    all_seeds = sorted(int(p.name.rsplit("-s", 1)[1]) for p in runs_dir.glob(f"{CELL}-s*"))
     agg = aggregate(runs_dir, all_seeds)
     md = table(agg)
     (args.out / "time_to_accuracy.md").write_text(md + "\n")
-    slim = {
-        n: [{k: v for k, v in r.items() if k != "curve"} for r in rows] for n, rows in agg.items()
-    }
     (args.out / "results.json").write_text(
         json.dumps(
             {
@@ -371,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                 "treatments": TREATMENTS,
                 "targets": TARGETS,
                 "slow_targets": SLOW_TARGETS,
-                "results": slim,
+                "results": agg,  # curve: [virtual time, version, accuracy, slow-class acc.]
             },
             indent=1,
         )
