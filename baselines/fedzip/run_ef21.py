@@ -63,6 +63,7 @@ LR, BATCH = 0.1, 16
 #: which its payload (values only: positions come from a seed) matches top-k 1 %'s bytes.
 SCAFCOM_BETA, SCALLION_ALPHA, SCALLION_SERVER_LR, RANDOMK_DENSITY = 1.0, 0.01, 0.5, 0.013
 SCAFCOM_SERVER_LR = 1.0  # eta_g of scaffold and scafcom
+FIXED_STEPS = 0  # > 0: every client runs exactly this many local steps instead of one epoch
 
 
 class _Grid:
@@ -95,6 +96,7 @@ def _trainer(data, seed: int, rnd: int):
             x,
             y,
             epochs=1,
+            steps=FIXED_STEPS,
             batch_size=BATCH,
             lr=LR,
             seed=seed * 1000 + rnd,
@@ -205,6 +207,8 @@ def main() -> None:
     ap.add_argument("--server-lr", type=float, default=SCALLION_SERVER_LR, help="SCALLION eta_g")
     ap.add_argument("--randomk-density", type=float, default=RANDOMK_DENSITY)
     ap.add_argument("--scafcom-server-lr", type=float, default=SCAFCOM_SERVER_LR)
+    ap.add_argument("--fixed-steps", type=int, default=FIXED_STEPS, help="K steps, not an epoch")
+    ap.add_argument("--lr", type=float, default=LR, help="local SGD lr (every method)")
     args = ap.parse_args()
     globals().update(
         SCAFCOM_BETA=args.beta,
@@ -212,6 +216,8 @@ def main() -> None:
         SCALLION_SERVER_LR=args.server_lr,
         RANDOMK_DENSITY=args.randomk_density,
         SCAFCOM_SERVER_LR=args.scafcom_server_lr,
+        FIXED_STEPS=args.fixed_steps,
+        LR=args.lr,
     )
     saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
