@@ -31,6 +31,7 @@ from .errors import (
 from .feedback import CompressionState, DGCConfig, compress
 from .mod import compression_mod
 from .presets import PRESETS, get_preset, parse_spec
+from .scafcom import scafcom_mod
 from .server import (
     Compressed,
     MissingDownlinkModError,
@@ -68,6 +69,7 @@ __all__ = [
     "get_preset",
     "is_compressed",
     "parse_spec",
+    "scafcom_mod",
     "record_bytes",
     "support_mean",
     "write_update_bytes",
