@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
 )
-from flwr.supercore.task_identity import TaskIdentity
+from node_grid import NodeGrid
 
 from flwr_ext.compression import Compressed, compression_mod, decode_reply, is_compressed
 from flwr_ext.compression.hints import DECODER_KEY
@@ -28,29 +28,13 @@ from flwr_ext.compression.hints import DECODER_KEY
 RNG = np.random.default_rng(3)
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages built outside a Flower runtime need a task identity; restore it after."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 GLOBAL = {
     "w": RNG.standard_normal((30, 20)).astype(np.float32),
     "b": RNG.standard_normal(20).astype(np.float32),
 }
-
-
-class FakeGrid:
-    """Just enough of ``flwr.serverapp.Grid`` for ``configure_train``."""
-
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
 
 def _context(node: int) -> Context:
@@ -154,7 +138,7 @@ def test_mod_keeps_error_feedback_residual_in_context_state() -> None:
 )
 def test_wrapper_matches_uncompressed_aggregation_and_drops_corrupt(make) -> None:
     """With a lossless preset the wrapped strategy's result equals the uncompressed one."""
-    grid = FakeGrid([1, 2, 3])
+    grid = NodeGrid([1, 2, 3])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     results = []
     for compressed in (False, True):
@@ -186,7 +170,7 @@ def test_wrapper_uses_per_node_reference_and_writes_csv(tmp_path) -> None:
     wrapper = Compressed(
         FedAvg(fraction_evaluate=0.0, min_available_nodes=2), csv_path=tmp_path / "b.csv"
     )
-    grid = FakeGrid([1, 2])
+    grid = NodeGrid([1, 2])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     msgs = list(wrapper.configure_train(4, arrays, ConfigRecord(), grid))
     mod = compression_mod("dgc")
@@ -216,7 +200,7 @@ def test_wrapper_decodes_each_reply_against_the_arrays_its_node_was_sent(tmp_pat
     wrapper = Compressed(
         _PerNodeArrays(fraction_evaluate=0.0, min_available_nodes=3), csv_path=tmp_path / "b.csv"
     )
-    grid = FakeGrid([1, 2, 3])
+    grid = NodeGrid([1, 2, 3])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     msgs = list(wrapper.configure_train(2, arrays, ConfigRecord(), grid))
     sent = {m.metadata.dst_node_id: m.content["arrays"] for m in msgs}
@@ -277,7 +261,7 @@ def test_wrapper_sparse_mean_option_and_dp_refusal() -> None:
     with pytest.raises(ConfigError):
         Compressed(dp, sparse_mean=True)
     assert Compressed(dp).sparse_mean is False
-    grid = FakeGrid([1, 2])
+    grid = NodeGrid([1, 2])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     aggs = []
     for sparse_mean in (False, True):

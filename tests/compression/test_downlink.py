@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
+from node_grid import NodeGrid
 
 from flwr_ext.compression import Compressed, compression_mod
 from flwr_ext.compression.codec import PipelineConfig, decode_tensor
@@ -33,21 +33,7 @@ from flwr_ext.compression.downlink import (
 )
 from flwr_ext.compression.server import MissingDownlinkModError
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 INIT = {
@@ -112,7 +98,7 @@ def _run(
             if r == rnd:
                 ctxs[n] = _ctx(n)  # the node lost its context.state
         replies = []
-        for m in wrapper.configure_train(rnd, arrays, ConfigRecord(), FakeGrid(present)):
+        for m in wrapper.configure_train(rnd, arrays, ConfigRecord(), NodeGrid(present)):
             node = m.metadata.dst_node_id
             if (rnd, node) in lose_msg:
                 continue
@@ -250,7 +236,7 @@ def test_reply_is_rebased_onto_x_for_the_wrapped_strategy() -> None:
     x = {k: v + 1.0 for k, v in INIT.items()}
     for rnd, target in ((1, INIT), (2, x)):
         rec = ArrayRecord({k: Array(v) for k, v in target.items()})
-        msgs = list(wrapper.configure_train(rnd, rec, ConfigRecord(), FakeGrid([1])))
+        msgs = list(wrapper.configure_train(rnd, rec, ConfigRecord(), NodeGrid([1])))
         seen: list = []
         reply = mod(msgs[0], ctx, _trainer(1, seen))
         w = seen[0][1]
@@ -272,7 +258,7 @@ def test_plain_client_app_works_when_downlink_compression_is_off() -> None:
     wrapper = Compressed(_fedavg(2))
     no_mod = lambda m, c, f: f(m, c)  # noqa: E731
     arrays = ArrayRecord({k: Array(v) for k, v in INIT.items()})
-    msgs = list(wrapper.configure_train(1, arrays, ConfigRecord(), FakeGrid([1, 2])))
+    msgs = list(wrapper.configure_train(1, arrays, ConfigRecord(), NodeGrid([1, 2])))
     for m in msgs:  # Flower's message contract: the dense model, no downlink keys
         assert set(m.content["arrays"]) == set(INIT)
         assert all(a.stype == "numpy.ndarray" for a in m.content["arrays"].values())

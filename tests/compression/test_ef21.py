@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from node_grid import NodeGrid
 
 from flwr_ext.compression import ConfigError, PipelineConfig
 from flwr_ext.compression.codec import decode_tensor
@@ -28,20 +28,7 @@ from flwr_ext.strategies import EF21
 TOP1 = default_compressor(density=0.25)  # top-1 of 4
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
-
-
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def _decode(payloads: dict[str, bytes]) -> dict[str, np.ndarray]:
@@ -138,7 +125,7 @@ def _targets(nodes: list[int]) -> dict[int, dict[str, np.ndarray]]:
 
 
 def _run(strategy: EF21, rounds: int, mod, *, lose=(), reset=(), nodes=(1, 2, 3, 4)):
-    grid = FakeGrid(list(nodes))
+    grid = NodeGrid(list(nodes))
     targets = _targets(list(nodes))
     ctxs = {
         n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
@@ -181,7 +168,7 @@ def test_server_mirrors_equal_client_states_bit_exactly_after_many_rounds() -> N
     lose = {(5, 1), (9, 3), (14, 4)}
     arrays, ctxs, history = _run(strategy, 30, mod, lose=lose, reset={20})
     # one more configure + sync so that every client commits its last acknowledged c_i
-    grid = FakeGrid([1, 2, 3, 4])
+    grid = NodeGrid([1, 2, 3, 4])
     list(strategy.configure_train(31, arrays, ConfigRecord(), grid))
 
     for node, ctx in ctxs.items():
@@ -237,7 +224,7 @@ def test_identity_compressor_full_participation_is_uniform_fedavg() -> None:
 
 def test_replies_that_are_not_corrections_are_rejected() -> None:
     strategy = EF21(fraction_evaluate=0.0, min_available_nodes=2)
-    grid = FakeGrid([1, 2])
+    grid = NodeGrid([1, 2])
     arrays = ArrayRecord({k: Array(v) for k, v in INIT.items()})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     plain = [_trainer(_targets([1, 2])[1])(m, None) for m in msgs]  # no ef21_mod

@@ -16,7 +16,6 @@ from flwr.app import (
 )
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from flwr_ext.asyncfl.testing import FakeGrid
 from flwr_ext.compression import Compressed, compression_mod
@@ -34,14 +33,7 @@ from flwr_ext.compression.hints import (
 )
 from flwr_ext.strategies import FedBuff
 
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Messages are built outside a Flower run (as in test_compression_flower)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 GLOBAL = {"w": np.zeros((20, 10), np.float32), "b": np.zeros(10, np.float32)}
