@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from flwr_ext.asyncfl.types import Params
+from flwr_ext.staleness import exponential
 
 
 def dc_asgd(delta: Params, current: Params, stale_base: Params, lam: float = 4.0) -> Params:
@@ -24,7 +25,9 @@ def dc_asgd(delta: Params, current: Params, stale_base: Params, lam: float = 4.0
 
 
 def exp2_weight(staleness: int, half_life: float = 20.0) -> float:
-    """``2^(-tau / half_life)``: the reference's staleness weight (``dc == 4``, half-life 20)."""
-    if staleness < 0:
-        raise ValueError(f"negative staleness {staleness}")
-    return float(2.0 ** (-staleness / half_life))
+    """``2^(-tau / half_life)``: the reference's staleness weight (``dc == 4``, half-life 20).
+
+    :func:`flwr_ext.staleness.exponential` (the ``staleness = "exponential"`` option) evaluated
+    at ``staleness``.
+    """
+    return exponential(half_life)(staleness)
