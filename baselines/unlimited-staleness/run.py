@@ -168,7 +168,7 @@ def summarize(cell: Path, name: str) -> dict[str, Any]:
         if u.get("staleness") not in (None, "") and u.get("accepted", "True") in ("True", "1")
     ]
     conv_path = out / f"{STRATEGY}-conversions.csv"
-    conv = list(csv.DictReader(conv_path.open())) if conv_path.exists() else []
+    conv = list(csv.DictReader(conv_path.read_text().splitlines())) if conv_path.exists() else []
     return {
         "final_accuracy": rows[-1][2],
         "final_slow_accuracy": rows[-1][3],
