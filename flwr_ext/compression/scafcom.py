@@ -79,6 +79,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.logger import log
 
+from ..arrays import numpy_to_record
 from .codec import PipelineConfig, encode_update
 from .ef21 import _add, check_compressor
 from .errors import ConfigError
@@ -291,7 +292,7 @@ def mean_of(arrays: list[Mapping[str, np.ndarray]], like: Mapping[str, np.ndarra
 
 # --------------------------------------------------------------------------- client mod
 def _rec(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return numpy_to_record(dict(arrays))
 
 
 def _load(context: Context, key: str) -> ScafcomClientState:

@@ -8,11 +8,12 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_ext.arrays import numpy_to_record
 from flwr_ext.compression.accounting import record_bytes
 from flwr_ext.compression.ef21 import EF21ServerState, Receipt
 from flwr_ext.compression.errors import CorruptPayloadError
@@ -155,7 +156,7 @@ class SCAFCOM(FedAvg):
         self.nodes.update(int(n) for n in grid.get_node_ids())
         x = {k: v.numpy() for k, v in arrays.items()}
         c = self.control_variate(x)
-        c_rec = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in c.items()})
+        c_rec = numpy_to_record(c)
         out, down = [], 0
         for msg in super().configure_train(server_round, arrays, config, grid):
             node = msg.metadata.dst_node_id
@@ -238,7 +239,7 @@ class SCAFCOM(FedAvg):
         metrics["scafcom-c-norm"] = float(
             np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in c_new.values()))
         )
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+        return numpy_to_record(new), metrics
 
 
 class SCALLION(SCAFCOM):

@@ -168,6 +168,31 @@ def test_strategy_round_by_hand() -> None:
     np.testing.assert_array_equal(seen[2]["w"], [1.0, 1.0, 0.0, -2.0])
 
 
+def test_zero_dim_tensors_keep_their_shape() -> None:
+    """A 0-d scalar (BatchNorm's ``num_batches_tracked``, a scalar weight) stays 0-d in the
+    model and in ``c`` (``np.ascontiguousarray`` made it shape ``(1,)``: the next
+    ``load_state_dict`` fails, and ``c - c_i`` skips the shape-mismatched scalar)."""
+    strat = SCAFCOM(beta=1.0, local_lr=0.5, local_steps=1, fraction_evaluate=0.0)
+    mod = scafcom_mod(config=IDENTITY)
+    grid = NodeGrid([1, 2])
+    ctx = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
+    x = {**_arr([0.0, 0.0]), "s": np.array(1.0, np.float32), "n": np.array(3, np.int64)}
+
+    def train(m: Message, c: Context) -> Message:
+        y = {k: np.asarray(v.numpy() + 1) for k, v in m.content["arrays"].items()}
+        arrays = ArrayRecord({k: Array(v) for k, v in y.items()})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content, reply_to=m)
+
+    for rnd in (1, 2):
+        msgs = _train_msg(strat, rnd, x, grid)
+        assert all(m.content[C_RECORD]["s"].shape == () for m in msgs)
+        replies = [_call(mod, m, ctx[m.metadata.dst_node_id], train) for m in msgs]
+        new, _ = strat.aggregate_train(rnd, replies)
+        assert {k: v.shape for k, v in new.items()} == {"w": (2,), "s": (), "n": ()}
+        x = {k: v.numpy() for k, v in new.items()}
+
+
 # --------------------------------------------------------------------------- SCAFFOLD
 def _grad(w: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * (w - b)).astype(np.float32)  # f_i(w) = 0.5 sum a (w - b)^2
