@@ -12,6 +12,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from flwr_ext.arrays import numpy_to_record
 from flwr_ext.compression.accounting import record_bytes
 from flwr_ext.compression.codec import PipelineConfig, encode_update
 from flwr_ext.compression.ef21 import (
@@ -187,7 +188,7 @@ class EF21(FedAvg):
 
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return numpy_to_record(arrays)
 
 
 class EF21BC(EF21):

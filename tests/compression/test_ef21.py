@@ -234,3 +234,24 @@ def test_replies_that_are_not_corrections_are_rejected() -> None:
         np.testing.assert_array_equal(new[k].numpy(), INIT[k])  # g = 0: no step
     with pytest.raises(ValueError):
         EF21(server_lr=0.0)
+
+
+def test_zero_dim_tensors_keep_their_shape() -> None:
+    """A 0-d scalar stays 0-d in the new model (``np.ascontiguousarray`` made it ``(1,)``)."""
+    strategy = EF21(fraction_evaluate=0.0, min_available_nodes=2)
+    mod = ef21_mod(config=PipelineConfig(name="ef21", sparsify="none"))
+    grid = NodeGrid([1, 2])
+    ctxs = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
+
+    def train(msg: Message, ctx: Context) -> Message:
+        y = {k: np.asarray(v.numpy() + 1) for k, v in msg.content["arrays"].items()}
+        arrays = ArrayRecord({k: Array(v) for k, v in y.items()})
+        content = RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})})
+        return Message(content, reply_to=msg)
+
+    arrays = ArrayRecord({"w": Array(np.zeros(2, np.float32)), "s": Array(np.array(1.0, "f4"))})
+    for rnd in (1, 2):
+        msgs = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+        replies = [mod(m, ctxs[m.metadata.dst_node_id], train) for m in msgs]
+        arrays, _ = strategy.aggregate_train(rnd, replies)
+        assert {k: v.shape for k, v in arrays.items()} == {"w": (2,), "s": ()}
