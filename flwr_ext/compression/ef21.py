@@ -64,6 +64,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 
+from ..arrays import numpy_to_record
 from .codec import PipelineConfig, decode_tensor, encode_update
 from .errors import ConfigError, CorruptPayloadError
 from .wire import DTYPE_CODE
@@ -290,9 +291,7 @@ def _load_bc(context: Context, key: str) -> BCNodeState:
 
 def _save_bc(context: Context, key: str, state: BCNodeState) -> None:
     for part, arrays in (("x", state.x), ("g", state.g)):
-        context.state[f"{key}.bc.{part}"] = ArrayRecord(
-            {k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}
-        )
+        context.state[f"{key}.bc.{part}"] = numpy_to_record(arrays)
     context.state[f"{key}.bc.meta"] = ConfigRecord({"version": state.version})
 
 
@@ -314,11 +313,8 @@ def _load(context: Context, key: str) -> EF21ClientState:
 
 
 def _save(context: Context, key: str, state: EF21ClientState) -> None:
-    def rec(arrays: Arrays) -> ArrayRecord:
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-    context.state[f"{key}.g"] = rec(state.g)
-    context.state[f"{key}.pending"] = rec(state.pending or {})
+    context.state[f"{key}.g"] = numpy_to_record(state.g)
+    context.state[f"{key}.pending"] = numpy_to_record(state.pending or {})
     context.state[f"{key}.meta"] = ConfigRecord(
         {"count": state.count, "has-pending": state.pending is not None}
     )

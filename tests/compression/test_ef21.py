@@ -13,10 +13,14 @@ from flwr_ext.compression import ConfigError, PipelineConfig
 from flwr_ext.compression.codec import decode_tensor
 from flwr_ext.compression.ef21 import (
     KEY_ACCEPTED,
+    BCNodeState,
     EF21ClientState,
     EF21ServerState,
     Receipt,
     _load,
+    _load_bc,
+    _save,
+    _save_bc,
     client_step,
     client_sync,
     default_compressor,
@@ -255,3 +259,18 @@ def test_zero_dim_tensors_keep_their_shape() -> None:
         replies = [mod(m, ctxs[m.metadata.dst_node_id], train) for m in msgs]
         arrays, _ = strategy.aggregate_train(rnd, replies)
         assert {k: v.shape for k, v in arrays.items()} == {"w": (2,), "s": ()}
+
+
+def test_zero_dim_tensors_keep_their_shape_in_context_state() -> None:
+    """A 0-d ``g_i`` (or EF21-BC model scalar) comes back 0-d from ``context.state``; as
+    ``(1,)`` the next ``_add`` would replace it by zeros (client and server mirror apart)."""
+    ctx = Context(1, 1, {}, RecordDict(), {})
+    scalar = {"s": np.array(2.0, np.float32), "n": np.array(3, np.int64)}
+    _save(ctx, "k", EF21ClientState(g=dict(scalar), count=1, pending=dict(scalar)))
+    state = _load(ctx, "k")
+    assert {k: v.shape for k, v in state.g.items()} == {"s": (), "n": ()}
+    assert {k: v.shape for k, v in (state.pending or {}).items()} == {"s": (), "n": ()}
+    _save_bc(ctx, "k", BCNodeState(x=dict(scalar), g=dict(scalar), version=1))
+    bc = _load_bc(ctx, "k")
+    assert {k: v.shape for k, v in bc.x.items()} == {"s": (), "n": ()}
+    assert {k: v.shape for k, v in bc.g.items()} == {"s": (), "n": ()}
