@@ -134,9 +134,10 @@ def run(method: str, seed: int, rounds: int) -> dict:
     elif method == "ef21-bc":
         strategy, mod = EF21BC(downlink_density=DENSITY, **kw), ef21_mod(density=DENSITY)
     else:
-        # K: the mean number of local steps of one epoch (each client reports its own)
+        # K: --fixed-steps, or the mean number of local steps of one epoch (each client
+        # reports its own)
         k_mean = round(float(np.mean([-(-len(d[1]) // BATCH) for d in data.values()])))
-        kw.update(local_lr=LR, local_steps=max(1, k_mean))
+        kw.update(local_lr=LR, local_steps=FIXED_STEPS if FIXED_STEPS > 0 else max(1, k_mean))
         if method in ("scaffold", "scafcom"):
             kw.update(server_lr=SCAFCOM_SERVER_LR)
         if method == "scaffold":
