@@ -8,8 +8,9 @@ keys, which must not differ between the cells of one simulation. Each simulation
 process (:func:`run_isolated`), the per-run files go to ``<runs>/<cell>-s<seed>/``, and the
 results are aggregated over seeds (:func:`aggregate`, :func:`mean_sd`, :func:`plot_curves`).
 
-Used by ``baselines/fedcompass/run.py`` and ``baselines/async-zoo/run.py``, which pass the
-app's ServerApp ``main`` (``app_main``): the library never imports an app.
+Used by ``baselines/fedcompass/run.py``, ``baselines/async-zoo/run.py`` and
+``baselines/unlimited-staleness/run.py``, which pass the app's ServerApp ``main``
+(``app_main``): the library never imports an app.
 """
 
 from __future__ import annotations

@@ -59,8 +59,9 @@ HERE = Path(__file__).resolve().parent
 METHODS = ("fedavg", "topk-ef", "ef21", "ef21-bc", "scaffold", "scafcom", "scallion")
 NODES, DENSITY, ALPHA = 10, 0.01, 0.1
 LR, BATCH = 0.1, 16
-#: SCAFCOM / SCALLION settings (chosen on seed 0, see ef21.md), and random-k's density at
-#: which its payload (values only: positions come from a seed) matches top-k 1 %'s bytes.
+#: SCAFCOM / SCALLION settings (chosen on seed 3: results-ef21/selection-seed3/, ef21.md), and
+#: random-k's density at which its payload (values only: positions come from a seed) matches
+#: top-k 1 %'s bytes.
 SCAFCOM_BETA, SCALLION_ALPHA, SCALLION_SERVER_LR, RANDOMK_DENSITY = 1.0, 0.01, 0.5, 0.013
 SCAFCOM_SERVER_LR = 1.0  # eta_g of scaffold and scafcom
 FIXED_STEPS = 0  # > 0: every client runs exactly this many local steps instead of one epoch
