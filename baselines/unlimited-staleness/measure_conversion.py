@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from flwr_ext.data.images import _embedded_split, to_tensors
+from flwr_ext.staleness import polynomial
 from flwr_ext.staleness_conversion import (
     InversionConfig,
     LocalRecipe,
@@ -102,7 +103,7 @@ def main() -> None:
             cands = {
                 "stale": stale,
                 "exp2": {k: v * exp2_weight(tau) for k, v in stale.items()},
-                "poly": {k: v * (1 + tau) ** -0.5 for k, v in stale.items()},
+                "poly": {k: v * polynomial(0.5)(tau) for k, v in stale.items()},
                 "dc-asgd": dc_asgd(stale, current, base, lam=4.0),
                 "conversion": conv.delta,
             }
