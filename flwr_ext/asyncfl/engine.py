@@ -56,6 +56,15 @@ from flwr_ext.asyncfl.records import COUNTERS, AsyncResult, CostMeter, UpdateRec
 from flwr_ext.asyncfl.strategy import AsyncStrategy, EvaluateFn
 from flwr_ext.asyncfl.types import Job, NodeState, Params, Timer, Update
 from flwr_ext.asyncfl.versions import VersionStore
+from flwr_ext.compression.downlink import (
+    KEY_VERSION,
+    REPLY_RECORD,
+    DownlinkState,
+    Send,
+    server_confirm,
+    server_send,
+    server_unconfirm,
+)
 from flwr_ext.compression.hints import DECODER_KEY
 
 _ERROR_NAMES = {
@@ -73,6 +82,13 @@ _ERROR_NAMES = {
 MAX_BACKOFF_DOUBLINGS = 5
 #: Seconds the warm-up waits for its probes to be answered (their TTL), at least.
 WARMUP_WAIT = 300.0
+#: Counter of each kind of downlink send (the names the ``Compressed`` wrapper reports).
+DOWNLINK_COUNTERS = {
+    Send.COMPRESSED: "downlink-compressed",
+    Send.INITIAL: "downlink-compressed",
+    Send.NEW: "downlink-new",
+    Send.UNCONFIRMED: "downlink-resynced",
+}
 _NOT_CHARGED = {
     _ERROR_NAMES[ErrorCode.MESSAGE_UNAVAILABLE],
     _ERROR_NAMES[ErrorCode.REPLY_MESSAGE_UNAVAILABLE],
@@ -135,8 +151,20 @@ class AsyncEngine:
         self._spec: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self._wall0 = time.monotonic()
         self._last_node_poll = self._wall0
-        # Jobs keep their model version only if the reply may need it to become a delta or weights
-        self._jobs_hold_versions = strategy.needs_weights or not options.replies_are_deltas
+        #: EF21-P shadows per node (``None``: the model is sent as it is)
+        self.downlink = (
+            None
+            if options.downlink is None
+            else DownlinkState(options.downlink, seed=options.downlink_seed)
+        )
+        if self.downlink is not None:
+            for name in (*dict.fromkeys(DOWNLINK_COUNTERS.values()), "downlink-bytes"):
+                self.counters[name] = 0
+        # Jobs keep their model version only if the reply may need it to become a delta or
+        # weights (with downlink, every reply becomes a delta against the node's shadow)
+        self._jobs_hold_versions = strategy.needs_weights or (
+            not options.replies_are_deltas and self.downlink is None
+        )
         # one stream for the concurrency cap's draws, seeded once; saved in checkpoints
         self._resting: dict[str, tuple[NodeState, float]] = {}  # timed-out msg id -> node, until
         self._backoff: dict[int, tuple[NodeState, float]] = {}  # node id -> node, until
@@ -431,12 +459,17 @@ class AsyncEngine:
         messages, pending = [], []
         for node, extra in decisions:
             cfg = {**self.train_config, **(extra or {}), "server-round": version}
-            messages.append(self.train_message(node.node_id, v.arrays, cfg))
+            if self.downlink is None:
+                messages.append(self.train_message(node.node_id, v.arrays, cfg))
+                shadow, nbytes = None, v.nbytes
+            else:
+                msg, shadow, nbytes = self.downlink_message(node.node_id, v.params, cfg)
+                messages.append(msg)
             steps = cfg.get("local-steps")
             sent_steps = int(steps) if steps is not None and int(steps) > 0 else None
-            pending.append((node, dict(extra or {}), sent_steps))
+            pending.append((node, dict(extra or {}), sent_steps, shadow, nbytes))
         msg_ids = set(self.grid.push_messages(messages))
-        for msg, (node, extra, sent_steps) in zip(messages, pending, strict=True):
+        for msg, (node, extra, sent_steps, shadow, nbytes) in zip(messages, pending, strict=True):
             mid = msg.metadata.message_id
             if not mid or mid not in msg_ids:
                 self._count(Reason.PUSH_FAILED)
@@ -447,7 +480,7 @@ class AsyncEngine:
                 lb += self.clock.lower_bound(
                     node.key,
                     node.jobs,
-                    v.nbytes,
+                    nbytes,
                     sent_steps or self.clock.profile.min_steps,
                     max(len(self.registry), 1),
                 )
@@ -460,12 +493,38 @@ class AsyncEngine:
                 sent_steps=sent_steps,
                 t_dispatch=self.now,
                 wall_dispatch=time.monotonic(),
-                bytes_down=v.nbytes,
+                bytes_down=nbytes,
                 lower_bound=lb,
+                shadow=shadow,
             )
+            if shadow is not None:
+                self.counters["downlink-bytes"] += nbytes
             node.jobs += 1
             self.start_job(job)
             self.counters["jobs-dispatched"] += 1
+
+    def downlink_message(
+        self, node_id: int, x: Params, cfg: dict[str, Any]
+    ) -> tuple[Message, Params, int]:
+        """The EF21-P train message to ``node_id`` for model ``x``: ``C(x - w_i)``, or ``x``
+        densely to a node whose shadow is not confirmed; with the shadow the node will train
+        from and the message's ArrayRecord bytes. The node's shadow advances now."""
+        assert self.downlink is not None
+        down = server_send(self.downlink, node_id, x)
+        self.counters[DOWNLINK_COUNTERS[down.kind]] += 1
+        msg = self.train_message(node_id, down.record, {**cfg, **down.config})
+        return msg, down.shadow, down.record.count_bytes()
+
+    def _confirm_downlink(self, job: Job, reply: Message) -> tuple[Reason, str] | None:
+        """Confirm the node's shadow from its reply; ``None`` if it holds the one sent."""
+        assert self.downlink is not None
+        rec = reply.content.config_records.get(REPLY_RECORD)
+        if rec is None or KEY_VERSION not in rec:
+            return Reason.NO_DOWNLINK_RECORD, ""
+        version = int(rec[KEY_VERSION])  # type: ignore[arg-type]
+        if not server_confirm(self.downlink, job.node.node_id, version):
+            return Reason.DOWNLINK_VERSION, f"node holds {version}"
+        return None
 
     def start_job(self, job: Job) -> None:
         """``job`` was pushed: it is in flight, its node busy, its version held if needed."""
@@ -613,6 +672,8 @@ class AsyncEngine:
         held = self.jobs.get(job.msg_id) is job if job.msg_id else False
         self.jobs.remove(job)
         self.intake.close(job.msg_id)
+        if job.shadow is not None:  # unconfirmed until its reply says otherwise: dense next
+            server_unconfirm(self.downlink, job.node.node_id)  # type: ignore[arg-type]
         if free:
             self.registry.mark_free(job.node)
         job.t_finish = self.now
@@ -636,8 +697,18 @@ class AsyncEngine:
         job = event.job
         base = self._end_job(job)
         self.counters["updates-received"] += 1
+        shadow = job.shadow
+        if shadow is not None and (bad := self._confirm_downlink(job, event.reply)) is not None:
+            why = describe(*bad)
+            self._record(job, None, accepted=False, reason=why, bytes_up=event.bytes_up)
+            self._failed(job, bad[0], why, error=False)
+            return
         res = self.intake.check(
-            event.reply, event.bytes_up, self._spec, self.versions[self.version].nbytes, base
+            event.reply,
+            event.bytes_up,
+            self._spec,
+            self.versions[self.version].nbytes,
+            base if shadow is None else shadow,
         )
         if not isinstance(res, Accepted):
             rec = self._record(job, None, accepted=False, reason=str(res), bytes_up=event.bytes_up)
@@ -646,7 +717,12 @@ class AsyncEngine:
             return
         self.registry.succeeded(job.node)
         steps = res.metrics.get("num-steps", job.sent_steps)
-        keep_base = res.params is not None or self.strategy.needs_weights
+        delta, params = res.delta, res.params
+        if shadow is not None and params is not None:
+            # the node trained from its shadow w_i: its update is y - w_i, applied to x_v
+            # (EF21-P); staleness stays the versions since v
+            delta, params = {k: params[k] - shadow[k] for k in shadow}, None
+        keep_base = params is not None or self.strategy.needs_weights
         update = Update(
             job=job,
             num_examples=res.num_examples,
@@ -656,8 +732,8 @@ class AsyncEngine:
             bytes_up=event.bytes_up,
             staleness=self.version - job.version,
             base=base if keep_base else None,
-            _delta=res.delta,
-            _params=res.params,
+            _delta=delta,
+            _params=params,
         )
         # updates-accepted counts every reply that passed the intake (rows with valid=True):
         # applied + discarded (a reply after the run ended among them) + held at the end

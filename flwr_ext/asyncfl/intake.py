@@ -55,6 +55,8 @@ class Reason(StrEnum):
     AFTER_END = "reply after the run ended"
     LATE_REPLY = "reply after its job timed out"
     IN_FLIGHT_AT_END = "in flight at the end"
+    NO_DOWNLINK_RECORD = "no downlink record (the ClientApp lacks compression_mod)"
+    DOWNLINK_VERSION = "downlink shadow version differs from the one sent"
 
 
 def describe(reason: str, detail: str = "") -> str:

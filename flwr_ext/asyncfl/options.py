@@ -94,6 +94,14 @@ class EngineOptions:
     readmit_after : float or None
         Wall seconds after which a node retired for failures (not one that left) that is still
         connected gets another chance. ``None``: retired for good.
+    downlink : str, PipelineConfig or None
+        Downlink compressor (EF21-P, :mod:`flwr_ext.compression.downlink`): each job sends its
+        node ``C(x_v - w_i)`` against the shadow ``w_i`` the engine keeps for it (one shadow per
+        node ever sent a model: memory grows with the number of nodes). A preset spec such as
+        ``"fedzip"``; ``None`` / ``"none"``: the model is sent as it is. The nodes need
+        :func:`~flwr_ext.compression.compression_mod`.
+    downlink_seed : int
+        Seed of the downlink compressor's stochastic stages (random-k, QSGD).
     """
 
     num_rounds: int = 3
@@ -119,6 +127,8 @@ class EngineOptions:
     max_count_ratio: float = 10.0
     warmup: bool = False
     readmit_after: float | None = None
+    downlink: Any = None
+    downlink_seed: int = 0
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -145,6 +155,10 @@ class EngineOptions:
         set_(self, "warmup", bool(self.warmup))
         if self.readmit_after is not None:
             set_(self, "readmit_after", _float("readmit_after", self.readmit_after, 0.0))
+        from flwr_ext.compression.downlink import downlink_config
+
+        set_(self, "downlink", downlink_config(self.downlink))
+        set_(self, "downlink_seed", _int("downlink_seed", self.downlink_seed, 0))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:

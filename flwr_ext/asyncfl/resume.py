@@ -187,9 +187,14 @@ def _redispatch(engine: AsyncEngine, jobs: list[Job]) -> None:
     msgs = []
     for job in live:
         cfg = {**engine.train_config, **job.extra, "server-round": job.version}
-        msgs.append(
-            engine.train_message(job.node.node_id, engine.versions[job.version].arrays, cfg)
-        )
+        v = engine.versions[job.version]
+        if engine.downlink is None:
+            msgs.append(engine.train_message(job.node.node_id, v.arrays, cfg))
+        else:  # shadows are not checkpointed: every node is new again (dense, counted)
+            msg, job.shadow, job.bytes_down = engine.downlink_message(
+                job.node.node_id, v.params, cfg
+            )
+            msgs.append(msg)
     ids = set(engine.grid.push_messages(msgs)) if msgs else set()
     unsent = []
     for job, msg in zip(live, msgs, strict=True):

@@ -63,6 +63,7 @@ class Job:
     lower_bound: float
     t_finish: float | None = None
     released: bool = False  # its model version was dropped (the reply is beyond max_staleness)
+    shadow: Params | None = field(default=None, repr=False)  # downlink: w_i the node trains from
 
 
 class BaseReleased(LookupError):

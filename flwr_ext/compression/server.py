@@ -313,8 +313,11 @@ class Compressed(Strategy):
     next to ``downlink-compressed``. With ``downlink_initial="known"`` the nodes build the
     initial model themselves (``compression_mod(initial=...)``), so the first round is
     compressed too (checked by checksum; a node whose ``x_0`` differs asks for the dense
-    model). ``configure_evaluate`` still sends the dense model. Not for asynchronous
-    strategies yet (their engine would keep the shadows; see docs/compression.md).
+    model). ``configure_evaluate`` still sends the dense model. Around an asynchronous
+    strategy the wrapper hands the setting to its engine (``start(downlink=...)``), which keeps
+    one shadow per node, sends each job ``C(x_v - w_i)`` and counts the sends in its counters
+    under the same names (docs/asyncfl.md, "Downlink compression"); ``downlink_initial`` must
+    then be ``"dense"``.
 
     Parameters
     ----------
@@ -362,13 +365,22 @@ class Compressed(Strategy):
         if downlink_initial not in ("dense", "known"):
             raise ConfigError("downlink_initial must be 'dense' or 'known'")
         down = downlink_config(downlink)
-        if down is not None and isinstance(strategy, AsyncStrategy):
+        is_async = isinstance(strategy, AsyncStrategy)
+        if down is not None and is_async and downlink_initial != "dense":
             raise ConfigError(
-                "downlink compression through Compressed is for Flower's synchronous "
-                "strategies; the asynchronous engine does not keep per-node shadows yet"
+                "downlink_initial='known' is for Flower's synchronous strategies; the "
+                "asynchronous engine sends each node's first model densely"
             )
-        #: EF21-P shadows per node (``None``: downlink not compressed)
-        self.downlink = None if down is None else DownlinkState(down, seed=int(downlink_seed))
+        #: engine settings handed to an async strategy's ``start`` (its engine keeps the shadows)
+        self.engine_options: dict[str, Any] = (
+            {"downlink": down, "downlink_seed": int(downlink_seed)}
+            if down is not None and is_async
+            else {}
+        )
+        #: EF21-P shadows per node (``None``: downlink not compressed, or kept by the engine)
+        self.downlink = (
+            None if down is None or is_async else DownlinkState(down, seed=int(downlink_seed))
+        )
         self.downlink_initial = downlink_initial
         self._shadow: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._down_counts: dict[int, dict[Send, int]] = {}
@@ -653,7 +665,7 @@ class Compressed(Strategy):
                 train_config,
                 evaluate_config,
                 evaluate_fn,
-                **options,
+                **{**self.engine_options, **options},
             )
         if options:
             raise TypeError(

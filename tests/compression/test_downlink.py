@@ -307,12 +307,17 @@ def test_state_round_trip() -> None:
     assert load_copy(RecordDict()).version == -1
 
 
-def test_async_strategies_are_refused() -> None:
+def test_async_strategies_get_the_setting_handed_to_their_engine() -> None:
     from flwr_ext.compression.errors import ConfigError
     from flwr_ext.strategies import FedAsync
 
+    wrapped = Compressed(FedAsync(), downlink="fedzip", downlink_seed=3)
+    assert wrapped.downlink is None  # the engine keeps the shadows (tests/asyncfl)
+    assert wrapped.engine_options["downlink"].density == 0.02
+    assert wrapped.engine_options["downlink_seed"] == 3
+    assert Compressed(FedAsync()).engine_options == {}
     with pytest.raises(ConfigError, match="asynchronous"):
-        Compressed(FedAsync(), downlink="fedzip")
+        Compressed(FedAsync(), downlink="fedzip", downlink_initial="known")
 
 
 # --------------------------------------------------------------------------- the app's key
@@ -325,7 +330,7 @@ def _app_cfg(**overrides):
     return fused_run_config(app, overrides)
 
 
-def test_async_vision_compression_down_key_wraps_flower_strategies_and_refuses_async_ones():
+def test_async_vision_compression_down_key_wraps_flower_strategies_and_hands_async_ones_on():
     from async_vision.server_app import _build
     from async_vision.settings import validate
 
@@ -337,8 +342,12 @@ def test_async_vision_compression_down_key_wraps_flower_strategies_and_refuses_a
     assert strategy.downlink.config.density == 0.02  # the fedzip preset, residual EF off
     _, plain, _ = _build(validate(_app_cfg(strategy="fedavg")))
     assert not isinstance(plain, Compressed)  # both keys 'none': Flower's FedAvg as it is
-    with pytest.raises(ValueError, match="compression-down"):
-        _build(validate(_app_cfg(strategy="fedasync", **{"compression-down": "fedzip"})))
+    _, fedasync, kwargs = _build(
+        validate(_app_cfg(strategy="fedasync", **{"compression-down": "fedzip"}))
+    )
+    assert not isinstance(fedasync, Compressed) and kwargs["downlink"] == "fedzip"
+    _, _, plain_kwargs = _build(validate(_app_cfg(strategy="fedasync")))
+    assert "downlink" not in plain_kwargs
     with pytest.raises(SettingError):
         validate(_app_cfg(strategy="fedavg", **{"compression-down": "nosuchpreset"}))
 
@@ -372,3 +381,35 @@ def test_async_vision_trains_with_compression_both_ways_through_the_simulation_e
 
 
 DENSE_CNN_BYTES = 154_288  # count_bytes() of the float32 DigitsCNN ArrayRecord
+
+
+@pytest.mark.timeout(300)
+def test_async_vision_fedbuff_with_compression_down_inline_virtual_clock(tmp_path):
+    """The app's ``compression-down`` key on FedBuff, inline backend (no Ray), virtual clock."""
+    import json
+
+    from async_vision.client_app import app as client_app
+    from async_vision.server_app import app as server_app
+
+    from flwr_ext.sim import run_app
+
+    cfg = _app_cfg(
+        strategy="fedbuff",
+        compression="fedzip",
+        partitioner="iid",
+        **{
+            "compression-down": "fedzip",
+            "num-server-rounds": 6,
+            "buffer-size": 2,
+            "clock": "virtual",
+            "output-dir": str(tmp_path),
+        },
+    )
+    run_app(server_app, client_app, num_supernodes=3, run_config=cfg, backend="inline")
+    info = json.loads((tmp_path / "fedbuff-counters.json").read_text())
+    c = info["counters"]
+    assert c["versions"] == 6 and c["updates-rejected"] == 0 and c["error-replies"] == 0
+    assert c["downlink-new"] == 3 and c["downlink-resynced"] == 0
+    assert c["downlink-compressed"] == c["jobs-dispatched"] - 3
+    dense_total = c["jobs-dispatched"] * DENSE_CNN_BYTES
+    assert c["downlink-bytes"] < 3 * DENSE_CNN_BYTES + dense_total / 20

@@ -83,10 +83,8 @@ def _build(cfg: dict) -> tuple[dict, object, dict]:
     get_preset(compression)  # checked by validate; kept for callers that skip it
     down = str(cfg.get("compression-down", "none") or "none")
     if down != "none" and isinstance(strategy, AsyncStrategy):
-        raise ValueError(
-            f"compression-down={down!r}: downlink compression is for Flower's strategies "
-            f"(fedavg, ...); the asynchronous engine of {cfg['strategy']!r} keeps no shadows yet"
-        )
+        # the engine keeps one EF21-P shadow per node and sends each job C(x_v - w_i)
+        start_kwargs = {**start_kwargs, "downlink": down}
     if (compression != "none" or down != "none") and not isinstance(strategy, AsyncStrategy):
         # a Flower strategy: decode replies before it aggregates (and, with compression-down,
         # send each node C(x - w_i) against its shadow). Async strategies decode in the engine

@@ -39,7 +39,7 @@ SETTINGS = (
     integer("seed", low=0),
     integer("torch-threads", low=1),
     compression_setting(),
-    compression_setting("compression-down"),  # EF21-P downlink (Flower strategies only)
+    compression_setting("compression-down"),  # EF21-P downlink (every strategy)
     number("timeout", low=0, low_open=True),
     text("output-dir"),
     text("run-name"),
