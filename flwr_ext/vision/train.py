@@ -57,7 +57,11 @@ def train_local(
     total = steps if steps > 0 else epochs * batches_per_epoch
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    offsets = [(n, p) for n, p in model.named_parameters() if grad_offset and n in grad_offset]
+    offsets = [
+        (name, p)
+        for name, p in model.named_parameters()
+        if grad_offset and name in grad_offset and p.requires_grad  # frozen: no gradient
+    ]
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     loss_sum, done = 0.0, 0
