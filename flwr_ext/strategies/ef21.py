@@ -128,48 +128,14 @@ class EF21(FedAvg):
         self, server_round: int, valid: list[Message], x: dict[str, np.ndarray]
     ) -> tuple[list[RecordDict], dict[Receipt, int], list[int]]:
         """Apply each valid reply's correction to its node's mirror (Alg. 1, line 6)."""
-        reference = {k: (v.shape, str(v.dtype)) for k, v in x.items()}
-        counts = {r: 0 for r in Receipt}
-        used, up = [], []
-        for msg in valid:
-            node = msg.metadata.src_node_id
-            receipt = Receipt.REJECTED
-            try:
-                base = int(msg.content[REPLY_RECORD][KEY_BASE])
-                record = msg.content[self.arrayrecord_key]
-                if not is_compressed(record):
-                    raise CorruptPayloadError("reply is not an EF21 correction")
-                correction = decode_deltas(record, reference)
-                if set(correction) != set(x):
-                    raise CorruptPayloadError("correction does not cover every tensor")
-                receipt = self.state.receive(node, base, correction)
-            except (KeyError, TypeError, ValueError) as exc:  # CorruptPayloadError included
-                log(
-                    WARNING,
-                    "EF21: reply of node %s rejected (round %s): %s",
-                    node,
-                    server_round,
-                    exc,
-                )
-            counts[receipt] += 1
-            up.append(record_bytes(msg.content))
-            if receipt != Receipt.REJECTED:
-                used.append(msg.content)
+        used, counts, up, _ = collect_receipts(self, self.state, server_round, valid, x)
         return used, counts, up
 
     def _metrics(
         self, used: list[RecordDict], counts: dict[Receipt, int], up: list[int], g: dict
     ) -> MetricRecord:
-        metrics = self.train_metrics_aggr_fn(used, self.weighted_by_key) if used else None
-        metrics = MetricRecord() if metrics is None else metrics
-        metrics["ef21-accepted"] = counts[Receipt.ACCEPTED]
-        metrics["ef21-resynced"] = counts[Receipt.RESYNCED]
-        metrics["ef21-rejected"] = counts[Receipt.REJECTED]
-        metrics["uplink-bytes"] = int(sum(up))
-        metrics["uplink-bytes-per-update"] = float(np.mean(up)) if up else 0.0
-        metrics["ef21-g-norm"] = float(
-            np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in g.values()))
-        )
+        metrics = receipt_metrics(self, "ef21", used, counts, up)
+        metrics["ef21-g-norm"] = l2_norm(g)
         return metrics
 
     def aggregate_train(
@@ -189,6 +155,84 @@ class EF21(FedAvg):
 
 def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return numpy_to_record(arrays)
+
+
+def collect_receipts(
+    strategy: FedAvg,
+    state: EF21ServerState,
+    server_round: int,
+    valid: list[Message],
+    x: dict[str, np.ndarray],
+    *,
+    name: str = "EF21",
+    what: str = "an EF21 correction",
+    base_key: tuple[str, str] = (REPLY_RECORD, KEY_BASE),
+    mirror: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+) -> tuple[list[RecordDict], dict[Receipt, int], list[int], list[dict[str, np.ndarray]]]:
+    """Decode every valid reply and add it (``mirror(decoded)``) to its node's mirror.
+
+    Shared by :class:`EF21` (the correction ``c_i``) and
+    :class:`~flwr_ext.strategies.SCAFCOM` (``alpha delta_i``). A reply that is not compressed,
+    does not decode, misses a tensor or has a wrong base is logged and counted as rejected.
+    ``base_key``: the reply's ConfigRecord and key holding the count its state was built on.
+    Returns the applied replies' contents, the receipts counted, every reply's bytes and the
+    applied replies' decoded arrays, in the order of ``valid``.
+    """
+    reference = {k: (v.shape, str(v.dtype)) for k, v in x.items()}
+    counts = {r: 0 for r in Receipt}
+    used, up, applied = [], [], []
+    for msg in valid:
+        node = msg.metadata.src_node_id
+        receipt = Receipt.REJECTED
+        try:
+            base = int(msg.content[base_key[0]][base_key[1]])  # type: ignore[arg-type]
+            record = msg.content[strategy.arrayrecord_key]
+            if not is_compressed(record):
+                raise CorruptPayloadError(f"reply is not {what}")
+            decoded = decode_deltas(record, reference)
+            if set(decoded) != set(x):
+                raise CorruptPayloadError(f"{what} does not cover every tensor")
+            receipt = state.receive(node, base, decoded if mirror is None else mirror(decoded))
+        except (KeyError, TypeError, ValueError) as exc:  # CorruptPayloadError included
+            log(
+                WARNING,
+                "%s: reply of node %s rejected (round %s): %s",
+                name,
+                node,
+                server_round,
+                exc,
+            )
+        counts[receipt] += 1
+        up.append(record_bytes(msg.content))
+        if receipt != Receipt.REJECTED:
+            used.append(msg.content)
+            applied.append(decoded)
+    return used, counts, up, applied
+
+
+def receipt_metrics(
+    strategy: FedAvg,
+    prefix: str,
+    used: list[RecordDict],
+    counts: dict[Receipt, int],
+    up: list[int],
+) -> MetricRecord:
+    """FedAvg's train metrics of the applied replies, the receipts and the uplink bytes."""
+    metrics = strategy.train_metrics_aggr_fn(used, strategy.weighted_by_key) if used else None
+    metrics = MetricRecord() if metrics is None else metrics
+    metrics[f"{prefix}-accepted"] = counts[Receipt.ACCEPTED]
+    metrics[f"{prefix}-resynced"] = counts[Receipt.RESYNCED]
+    metrics[f"{prefix}-rejected"] = counts[Receipt.REJECTED]
+    metrics["uplink-bytes"] = int(sum(up))
+    metrics["uplink-bytes-per-update"] = float(np.mean(up)) if up else 0.0
+    return metrics
+
+
+def l2_norm(arrays: dict[str, np.ndarray]) -> float:
+    """The L2 norm of all ``arrays`` together, summed in float64."""
+    return float(
+        np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in arrays.values()))
+    )
 
 
 class EF21BC(EF21):

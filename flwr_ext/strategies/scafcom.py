@@ -4,7 +4,7 @@ compressed uplink vector per client."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from logging import INFO, WARNING
+from logging import INFO
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,6 @@ from flwr.serverapp.strategy import FedAvg
 from flwr_ext.arrays import numpy_to_record
 from flwr_ext.compression.accounting import record_bytes
 from flwr_ext.compression.ef21 import EF21ServerState, Receipt
-from flwr_ext.compression.errors import CorruptPayloadError
 from flwr_ext.compression.scafcom import (
     C_RECORD,
     KEY_ACCEPTED,
@@ -30,7 +29,7 @@ from flwr_ext.compression.scafcom import (
     scaled,
     server_step,
 )
-from flwr_ext.compression.server import decode_deltas, is_compressed
+from flwr_ext.strategies.ef21 import collect_receipts, l2_norm, receipt_metrics
 
 
 class SCAFCOM(FedAvg):
@@ -180,37 +179,21 @@ class SCAFCOM(FedAvg):
         self, server_round: int, valid: list[Message], x: dict[str, np.ndarray]
     ) -> tuple[list[RecordDict], dict[Receipt, int], list[int], list[dict[str, np.ndarray]]]:
         """Decode each reply's ``delta_i``, add ``alpha delta_i`` to its node's mirror."""
-        reference = {k: (v.shape, str(v.dtype)) for k, v in x.items()}
-        counts = {r: 0 for r in Receipt}
-        used, up, deltas = [], [], []
-        for msg in sorted(valid, key=lambda m: m.metadata.src_node_id):
-            node = msg.metadata.src_node_id
-            receipt = Receipt.REJECTED
-            try:
-                base = int(msg.content[REPLY_RECORD][KEY_BASE])  # type: ignore[arg-type]
-                record = msg.content[self.arrayrecord_key]
-                if not is_compressed(record):
-                    raise CorruptPayloadError("reply is not a SCAFCOM vector")
-                delta = decode_deltas(record, reference)
-                if set(delta) != set(x):
-                    raise CorruptPayloadError("reply does not cover every tensor")
-                floats = {k: v for k, v in delta.items() if v.dtype.kind == "f"}
-                receipt = self.state.receive(node, base, scaled(floats, self.alpha))
-            except (KeyError, TypeError, ValueError) as exc:  # CorruptPayloadError included
-                log(
-                    WARNING,
-                    "%s: reply of node %s rejected (round %s): %s",
-                    type(self).__name__,
-                    node,
-                    server_round,
-                    exc,
-                )
-            counts[receipt] += 1
-            up.append(record_bytes(msg.content))
-            if receipt != Receipt.REJECTED:
-                used.append(msg.content)
-                deltas.append(floats)
-        return used, counts, up, deltas
+
+        def mirror(delta: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return scaled({k: v for k, v in delta.items() if v.dtype.kind == "f"}, self.alpha)
+
+        return collect_receipts(
+            self,
+            self.state,
+            server_round,
+            sorted(valid, key=lambda m: m.metadata.src_node_id),
+            x,
+            name=type(self).__name__,
+            what=f"a {type(self).__name__} vector",
+            base_key=(REPLY_RECORD, KEY_BASE),
+            mirror=mirror,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -227,18 +210,9 @@ class SCAFCOM(FedAvg):
             return None, None
         step = self.server_lr * self.local_steps * self.local_lr
         new = server_step(x, c, mean_of(deltas, x), step)
-        metrics = self.train_metrics_aggr_fn(used, self.weighted_by_key) if used else None
-        metrics = MetricRecord() if metrics is None else metrics
-        metrics["scafcom-accepted"] = counts[Receipt.ACCEPTED]
-        metrics["scafcom-resynced"] = counts[Receipt.RESYNCED]
-        metrics["scafcom-rejected"] = counts[Receipt.REJECTED]
-        metrics["uplink-bytes"] = int(sum(up))
-        metrics["uplink-bytes-per-update"] = float(np.mean(up)) if up else 0.0
+        metrics = receipt_metrics(self, "scafcom", used, counts, up)
         metrics["downlink-bytes-per-node"] = float(down)
-        c_new = self.control_variate(x)
-        metrics["scafcom-c-norm"] = float(
-            np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in c_new.values()))
-        )
+        metrics["scafcom-c-norm"] = l2_norm(self.control_variate(x))
         return numpy_to_record(new), metrics
 
 
