@@ -160,11 +160,9 @@ class AsyncEngine:
         if self.downlink is not None:
             for name in (*dict.fromkeys(DOWNLINK_COUNTERS.values()), "downlink-bytes"):
                 self.counters[name] = 0
-        # Jobs keep their model version only if the reply may need it to become a delta or
-        # weights (with downlink, every reply becomes a delta against the node's shadow)
-        self._jobs_hold_versions = strategy.needs_weights or (
-            not options.replies_are_deltas and self.downlink is None
-        )
+        # Jobs keep their model version only if the reply may need it to become a delta or weights
+        # (with downlink the delta is taken against the node's shadow, but a resume re-sends x_v)
+        self._jobs_hold_versions = strategy.needs_weights or not options.replies_are_deltas
         # one stream for the concurrency cap's draws, seeded once; saved in checkpoints
         self._resting: dict[str, tuple[NodeState, float]] = {}  # timed-out msg id -> node, until
         self._backoff: dict[int, tuple[NodeState, float]] = {}  # node id -> node, until

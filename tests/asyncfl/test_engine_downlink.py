@@ -248,3 +248,43 @@ def test_reply_without_the_mod_is_rejected() -> None:
     result = engine.run(_init())
     assert engine.version == 0
     assert any("compression_mod" in k for k in result.reasons)
+
+
+class _CrashingGrid(_LossyGrid):
+    def __init__(self, *args, crash_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.crash_at = crash_at
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if self.pushed + len(messages) >= self.crash_at:
+            raise RuntimeError("simulated ServerApp crash")
+        return super().push_messages(messages)
+
+
+def test_resume_sends_every_node_the_dense_model_once(tmp_path) -> None:
+    """Shadows are not checkpointed: after a resume each node is new (dense), then compressed."""
+    nodes = _Nodes("fedzip")
+    ckpt = tmp_path / "ckpt"
+    options = EngineOptions(
+        num_rounds=30, checkpoint_dir=str(ckpt), checkpoint_every=2, downlink="fedzip"
+    )
+    grid = _CrashingGrid(nodes, 5, seed=7, per_pull=1, crash_at=40)
+    with pytest.raises(RuntimeError, match="crash"):
+        AsyncEngine(
+            FedBuff(buffer_size=3), grid, clock=VirtualClock(NO_LINK, 1), options=options
+        ).run(_init())
+    # same nodes (their context.state survives), new node ids
+    grid2 = _LossyGrid(nodes, 5, seed=11, per_pull=1)
+    grid2.partition = {nid: pid for nid, pid in zip(grid2.node_ids, range(5), strict=True)}
+    options2 = EngineOptions(num_rounds=30, resume_from=str(ckpt), downlink="fedzip")
+    engine = AsyncEngine(
+        FedBuff(buffer_size=3), grid2, clock=VirtualClock(NO_LINK, 1), options=options2
+    )
+    result = engine.run(_init())
+    c = result.counters
+    assert engine.version == 30 and c["resumes"] == 1
+    assert c["updates-rejected"] == 0 and c["error-replies"] == 0
+    assert c["downlink-new"] == 5 + 5  # before the crash, and again after the resume
+    assert c["downlink-resynced"] == 0
+    assert _check_shadows(engine, grid2, nodes) >= 3
