@@ -30,14 +30,13 @@ def test_intertwined_run_reports_slow_class_accuracy_and_conversions(tmp_path) -
             "intertwined-slow-factor": 6.0,
             "min-train-nodes": 3,
             "output-dir": str(tmp_path),
+            # keys of the app's pyproject, so Flower takes them as --run-config overrides
+            "stale-conversion": True,
+            "stale-conversion-threshold": 2,
+            "stale-conversion-samples": 8,
+            "stale-conversion-iterations": 5,
         },
     )
-    cfg |= {  # not in the app's pyproject defaults
-        "stale-conversion": True,
-        "stale-conversion-threshold": 2,
-        "stale-conversion-samples": 8,
-        "stale-conversion-iterations": 5,
-    }
     run_app(server_app, client_app, num_supernodes=3, run_config=cfg, backend="inline")
 
     evals = load_result(tmp_path / "fedbuff.json")["evaluate_metrics_serverapp"]

@@ -30,16 +30,13 @@ def test_fedasync_with_stale_conversion_three_nodes(tmp_path) -> None:
             "profile-mean-step-time": 0.1,
             "profile-jitter": 0.3,
             "output-dir": str(tmp_path),
+            "stale-conversion": True,
+            "stale-conversion-threshold": 0,  # convert every update that is stale at all
+            "stale-conversion-samples": 16,
+            "stale-conversion-iterations": 20,
+            "stale-conversion-max-residual": 100.0,  # accept all: the converted path is used
         },
     )
-    # not in the app's pyproject defaults: added after fusing (the app validates them)
-    cfg |= {
-        "stale-conversion": True,
-        "stale-conversion-threshold": 0,  # convert every update that is stale at all
-        "stale-conversion-samples": 16,
-        "stale-conversion-iterations": 20,
-        "stale-conversion-max-residual": 100.0,  # accept all: the converted path is used
-    }
     run_app(server_app, client_app, num_supernodes=3, run_config=cfg)
 
     res = load_result(tmp_path / "fedasync.json")
