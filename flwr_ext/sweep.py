@@ -109,13 +109,16 @@ def run_isolated(
 
     Ray can fail to start on an overloaded machine and a crashed simulation can hang; the
     child's whole process group is killed on ``timeout`` (seconds) so nothing is left running.
-    A failed attempt is retried with the cells still missing. The child's output goes to
-    ``<runs_dir>/seed<seed>.log``. Returns the wall seconds of the last attempt (NaN if cells
-    are still missing after ``attempts``).
+    A failed attempt is retried with the cells still missing. The cells' ``done.json`` of an
+    earlier run is removed first, so that a re-run that fails is not taken for finished. The
+    child's output goes to ``<runs_dir>/seed<seed>.log``. Returns the wall seconds of the last
+    attempt (NaN if cells are still missing after ``attempts``).
     """
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     todo = list(cells)
+    for cell in todo:
+        (cell_dir(runs_dir, cell, seed) / DONE).unlink(missing_ok=True)
     for attempt in range(1, attempts + 1):
         t0 = time.time()
         with (runs_dir / f"seed{seed}.log").open("a") as log:
