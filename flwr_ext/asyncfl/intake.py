@@ -52,6 +52,7 @@ class Reason(StrEnum):
     NODE_VANISHED = "node vanished"
     PUSH_FAILED = "push failed"
     PUSH_FAILED_ON_RESUME = "push failed on resume"
+    VERSION_NOT_KEPT = "model version not kept (replies are deltas)"
     AFTER_END = "reply after the run ended"
     LATE_REPLY = "reply after its job timed out"
     IN_FLIGHT_AT_END = "in flight at the end"

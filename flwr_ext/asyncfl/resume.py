@@ -176,7 +176,13 @@ def _rebind_nodes(engine: AsyncEngine, saved: list[NodeState]) -> None:
 
 
 def _redispatch(engine: AsyncEngine, jobs: list[Job]) -> None:
-    """Send the saved in-flight jobs again: same node, version, config, job index."""
+    """Send the saved in-flight jobs again: same node, version, config, job index.
+
+    A job whose model version the engine did not keep (``replies_are_deltas``: jobs hold no
+    version, so the checkpoint has none) cannot be re-sent unchanged: it is given up
+    (:attr:`Reason.VERSION_NOT_KEPT`), its node is free, and the strategy sends it a new job on
+    the current model.
+    """
     present = {int(n) for n in engine.grid.get_node_ids()}
     nodes = engine.registry.nodes
     live = [
@@ -184,6 +190,10 @@ def _redispatch(engine: AsyncEngine, jobs: list[Job]) -> None:
         for j in jobs
         if j.node.node_id in nodes and not j.node.retired and j.node.node_id in present
     ]
+    for job in [j for j in live if j.version not in engine.versions]:
+        live.remove(job)
+        job.msg_id = None
+        engine.abandon(job, Reason.VERSION_NOT_KEPT)
     msgs = []
     for job in live:
         cfg = {**engine.train_config, **job.extra, "server-round": job.version}
@@ -210,7 +220,7 @@ def _redispatch(engine: AsyncEngine, jobs: list[Job]) -> None:
     for job in unsent:
         engine.abandon(job, Reason.PUSH_FAILED_ON_RESUME)
     for job in jobs:
-        if job not in live:  # its node is gone
+        if job not in live and job.t_finish is None:  # its node is gone
             job.msg_id = None
             if job.node.node_id not in present:
                 engine.registry.retire(job.node, Reason.NODE_VANISHED)

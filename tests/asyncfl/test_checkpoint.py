@@ -256,3 +256,34 @@ def test_run_config_keys_stop_and_extend_a_run(tmp_path):
     assert _fingerprint(res) == _fingerprint(ref)
     with pytest.raises(ValueError, match="checkpoint-dir"):
         build_start_kwargs({**base, "resume": "latest"})
+
+
+def test_resume_with_delta_replies_resends_jobs_whose_version_was_not_kept(tmp_path):
+    """With ``replies_are_deltas`` the engine keeps no version for jobs in flight, so a checkpoint
+    cannot re-send them unchanged. Before, ``restore`` raised ``KeyError`` on the first such job;
+    now each is given up (``model version not kept``, its node free) and the strategy sends that
+    node a new job on the current model; every other job is re-sent unchanged."""
+    from .test_engine_platform import delta_client
+
+    def run(grid, **kw):
+        return FedBuff(buffer_size=3).start(
+            grid, init_arrays(), num_rounds=ROUNDS, clock=VirtualClock(PROFILE, seed=7),
+            poll_interval=0, replies_are_deltas=True, **kw,
+        )  # fmt: skip
+
+    ref = run(FakeGrid(delta_client, NODES, seed=0))
+    pushed = int(ref.counters["jobs-dispatched"])
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError, match="simulated ServerApp crash"):
+        run(
+            CrashingGrid(delta_client, NODES, seed=0, crash_at=pushed * 2 // 3),
+            checkpoint_dir=str(ckpt),
+            checkpoint_every=2,
+        )
+    state = load_checkpoint(ckpt)
+    stale = [j for j in state["in_flight"] if j.version not in state["models"]]
+    assert stale, "the checkpoint should hold jobs on versions it did not keep"
+    res = run(FakeGrid(delta_client, NODES, seed=11, per_pull=2), resume_from=str(ckpt))
+    assert res.stop_reason == "num_rounds reached"
+    assert res.reasons.get("model version not kept (replies are deltas)") == len(stale)
+    assert res.counters["updates-applied"] == ref.counters["updates-applied"]
