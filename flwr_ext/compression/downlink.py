@@ -46,6 +46,8 @@ from enum import StrEnum
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from flwr_ext.arrays import numpy_to_record
+
 from .codec import PipelineConfig, decode_tensor, encode_update
 from .errors import ConfigError, CorruptPayloadError
 from .presets import get_preset
@@ -104,7 +106,8 @@ def checksum(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def _record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    # numpy_to_record keeps 0-d tensors 0-d (np.ascontiguousarray would make them shape (1,))
+    return numpy_to_record(dict(arrays))
 
 
 def apply_increment(w: Mapping[str, np.ndarray], d: Mapping[str, np.ndarray]) -> Arrays:

@@ -64,6 +64,8 @@ from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from flwr_ext.arrays import numpy_to_record
+
 from .codec import PipelineConfig
 from .downlink import (
     DENSE,
@@ -91,7 +93,7 @@ def _load(context: Context, key: str) -> dict[str, np.ndarray]:
 
 
 def _save(context: Context, key: str, arrays: dict[str, np.ndarray]) -> None:
-    context.state[key] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    context.state[key] = numpy_to_record(arrays)  # 0-d tensors stay 0-d
 
 
 def _server_round(msg: Message) -> int:

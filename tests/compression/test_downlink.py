@@ -413,3 +413,19 @@ def test_async_vision_fedbuff_with_compression_down_inline_virtual_clock(tmp_pat
     assert c["downlink-compressed"] == c["jobs-dispatched"] - 3
     dense_total = c["jobs-dispatched"] * DENSE_CNN_BYTES
     assert c["downlink-bytes"] < 3 * DENSE_CNN_BYTES + dense_total / 20
+
+
+def test_zero_dim_tensors_keep_their_shape_in_shadows_and_client_state() -> None:
+    """``Array(np.ascontiguousarray(v))`` turned a 0-d tensor into shape (1,): a shadow or a
+    residual saved that way no longer matched the model's shape on the next round."""
+    from flwr.app import Context, RecordDict
+
+    from flwr_ext.compression import downlink, mod
+
+    scalar = {"s": np.asarray(np.float32(1.5)), "w": np.ones((2, 3), np.float32)}
+    assert downlink._record(scalar)["s"].numpy().shape == ()
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    mod._save(ctx, "x", scalar)
+    back = mod._load(ctx, "x")
+    assert back["s"].shape == () and back["s"] == np.float32(1.5)
+    assert back["w"].flags.writeable  # residuals are updated in place
