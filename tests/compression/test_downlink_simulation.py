@@ -19,71 +19,24 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from digits_mlp import digits_split as _data
+from digits_mlp import forward as _forward
+from digits_mlp import init_mlp as _init
+from digits_mlp import train_reply
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from sklearn.datasets import load_digits
 
 from flwr_ext.compression import Compressed, compression_mod
 from flwr_ext.compression.downlink import STATE_KEY, load_copy
 
-NODES, ROUNDS, HIDDEN, LOSE_ROUND, LOSE_PID = 4, 8, 32, 4, 1
-
-
-def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    perm = np.random.default_rng(0).permutation(len(y))
-    x, y = x[perm], y[perm]
-    return x[:1400], y[:1400], x[1400:], y[1400:]
-
-
-def _init() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(42)
-    return {
-        "w1": (rng.standard_normal((64, HIDDEN)) * 0.1).astype(np.float32),
-        "b1": np.zeros(HIDDEN, np.float32),
-        "w2": (rng.standard_normal((HIDDEN, 10)) * 0.1).astype(np.float32),
-        "b2": np.zeros(10, np.float32),
-    }
-
-
-def _forward(p: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    h = np.maximum(x @ p["w1"] + p["b1"], 0)
-    z = h @ p["w2"] + p["b2"]
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return h, e / e.sum(axis=1, keepdims=True)
-
-
-def _train(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> None:
-    rng = np.random.default_rng(0)
-    for _ in range(2):
-        for b in np.array_split(rng.permutation(len(y)), max(1, len(y) // 32)):
-            h, prob = _forward(p, x[b])
-            g = prob
-            g[np.arange(len(b)), y[b]] -= 1
-            g /= len(b)
-            dh = (g @ p["w2"].T) * (h > 0)
-            for k, v in (("w2", h.T @ g), ("b2", g.sum(0)), ("w1", x[b].T @ dh), ("b1", dh.sum(0))):
-                p[k] -= 0.5 * v.astype(np.float32)
+NODES, ROUNDS, LOSE_ROUND, LOSE_PID = 4, 8, 4, 1
 
 
 def _client_fn(msg: Message, context: Context) -> Message:
     """A plain ClientApp written for Flower's FedAvg: trains what it receives."""
-    xtr, ytr, _, _ = _data()
-    pid = int(context.node_config["partition-id"])
-    x, y = xtr[pid::NODES], ytr[pid::NODES]
-    p = {k: v.numpy().copy() for k, v in msg.content["arrays"].items()}
-    _train(p, x, y)
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in p.items()}),
-            "metrics": MetricRecord({"num-examples": len(y)}),
-        }
-    )
-    return Message(content, reply_to=msg)
+    return train_reply(msg, context, NODES, epochs=2)
 
 
 def _outer_mod(out_dir: str):

@@ -20,10 +20,12 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+from digits_mlp import digits_split as _data
+from digits_mlp import forward as _forward
+from digits_mlp import init_mlp as _init
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from sklearn.datasets import load_digits
 
 from flwr_ext.compression.scafcom import (
     CORRECTION_RECORD,
@@ -37,33 +39,7 @@ from flwr_ext.compression.scafcom import (
 from flwr_ext.sim import run_app
 from flwr_ext.strategies import SCAFCOM, SCALLION
 
-NODES, ROUNDS, HIDDEN, STEPS, LR = 4, 12, 32, 10, 0.5
-
-
-def _data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    perm = np.random.default_rng(0).permutation(len(y))
-    x, y = x[perm], y[perm]
-    return x[:1400], y[:1400], x[1400:], y[1400:]
-
-
-def _init() -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(42)
-    return {
-        "w1": (rng.standard_normal((64, HIDDEN)) * 0.1).astype(np.float32),
-        "b1": np.zeros(HIDDEN, np.float32),
-        "w2": (rng.standard_normal((HIDDEN, 10)) * 0.1).astype(np.float32),
-        "b2": np.zeros(10, np.float32),
-    }
-
-
-def _forward(p: dict[str, np.ndarray], x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    h = np.maximum(x @ p["w1"] + p["b1"], 0)
-    z = h @ p["w2"] + p["b2"]
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return h, e / e.sum(axis=1, keepdims=True)
+NODES, ROUNDS, STEPS, LR = 4, 12, 10, 0.5
 
 
 def _train(p, x, y, corr, steps: int, lr: float) -> None:
