@@ -53,6 +53,13 @@ def sgd_epochs(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, epochs: i
                 p[k] -= 0.5 * v.astype(np.float32)
 
 
+def central_accuracy(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    """Flower's ``evaluate_fn``: accuracy of the received model on the test split."""
+    _, _, xte, yte = digits_split()
+    p = {k: v.numpy() for k, v in arrays.items()}
+    return MetricRecord({"accuracy": float(np.mean(forward(p, xte)[1].argmax(1) == yte))})
+
+
 def train_reply(msg: Message, context: Context, nodes: int, epochs: int = 2) -> Message:
     """A plain ClientApp written for Flower's FedAvg: train what it receives on its shard."""
     xtr, ytr, _, _ = digits_split()

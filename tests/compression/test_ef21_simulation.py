@@ -17,11 +17,9 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-from digits_mlp import digits_split as _data
-from digits_mlp import forward as _forward
+from digits_mlp import central_accuracy, train_reply
 from digits_mlp import init_mlp as _init
-from digits_mlp import train_reply
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -57,17 +55,11 @@ def _server_app(out_dir: str, bidirectional: bool) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        _, _, xte, yte = _data()
-
-        def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-            p = {k: v.numpy() for k, v in arrays.items()}
-            return MetricRecord({"accuracy": float(np.mean(_forward(p, xte)[1].argmax(1) == yte))})
-
         kwargs = dict(fraction_evaluate=0.0, min_available_nodes=NODES, min_train_nodes=NODES)
         strategy = EF21BC(downlink_density=0.1, **kwargs) if bidirectional else EF21(**kwargs)
         init = ArrayRecord({k: Array(v) for k, v in _init().items()})
         result = strategy.start(
-            grid, init, num_rounds=ROUNDS, train_config=ConfigRecord(), evaluate_fn=evaluate
+            grid, init, num_rounds=ROUNDS, train_config=ConfigRecord(), evaluate_fn=central_accuracy
         )
         summary = {
             "accuracy": result.evaluate_metrics_serverapp[ROUNDS]["accuracy"],

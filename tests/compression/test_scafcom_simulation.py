@@ -20,6 +20,7 @@ import pytest
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
+from digits_mlp import central_accuracy
 from digits_mlp import digits_split as _data
 from digits_mlp import forward as _forward
 from digits_mlp import init_mlp as _init
@@ -99,12 +100,6 @@ def _server_app(out_dir: str, variant: str) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        _, _, xte, yte = _data()
-
-        def evaluate(rnd: int, arrays: ArrayRecord) -> MetricRecord:
-            p = {k: v.numpy() for k, v in arrays.items()}
-            return MetricRecord({"accuracy": float(np.mean(_forward(p, xte)[1].argmax(1) == yte))})
-
         kwargs = dict(
             local_lr=LR,
             local_steps=STEPS,
@@ -115,7 +110,7 @@ def _server_app(out_dir: str, variant: str) -> ServerApp:
         strategy = SCAFCOM(beta=0.5, **kwargs) if variant == "scafcom" else SCALLION(**kwargs)
         init = ArrayRecord({k: Array(v) for k, v in _init().items()})
         result = strategy.start(
-            grid, init, num_rounds=ROUNDS, train_config=ConfigRecord(), evaluate_fn=evaluate
+            grid, init, num_rounds=ROUNDS, train_config=ConfigRecord(), evaluate_fn=central_accuracy
         )
         summary = {
             "accuracy": result.evaluate_metrics_serverapp[ROUNDS]["accuracy"],
