@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
+from flwr_ext.asyncfl.testing import NodeListGrid, task_identity
 from flwr_ext.compression import Compressed, compression_mod
 from flwr_ext.data.images import load_partition, load_test_set, to_tensors
 from flwr_ext.vision.model import DigitsCNN
@@ -52,14 +52,6 @@ from flwr_ext.vision.train import evaluate, train_local
 HERE = Path(__file__).resolve().parent
 METHODS = ("dense", "up", "bidir", "bidir-known")
 NODES, UP, DOWN = 4, "fedzip", "fedzip"
-
-
-class _Grid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
 
 def _arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -121,7 +113,7 @@ def run(method: str, seed: int, rounds: int, up: str = UP, down: str = DOWN) -> 
     }
     arrays = ArrayRecord({k: Array(v) for k, v in _initial(seed).items()})
     model = DigitsCNN()
-    grid = _Grid(list(range(NODES)))
+    grid = NodeListGrid(list(range(NODES)))
     acc, ups, downs, dense_sends = [], [], [], 0
     for rnd in range(1, rounds + 1):
         torch.manual_seed(seed * 7919 + rnd)
@@ -206,11 +198,9 @@ def main() -> None:
         print(table(results, checkpoints))
         return
     torch.set_num_threads(1)
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    try:
+    with task_identity():
         for seed in args.seeds:
             for method in args.methods:
                 t0 = time.time()
@@ -220,8 +210,6 @@ def main() -> None:
                 (args.out / name).write_text(json.dumps(res))
                 print(method, seed, f"{res['accuracy'][-1]:.4f}", res["seconds"], "s", flush=True)
                 results.append(res)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     text = table(results, checkpoints)
     (args.out / "table.md").write_text(text + "\n")
     print(text)

@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
+from flwr_ext.asyncfl.testing import NodeListGrid, task_identity
 from flwr_ext.compression import Compressed, compression_mod, ef21_mod
 from flwr_ext.compression.accounting import record_bytes
 from flwr_ext.compression.codec import PipelineConfig
@@ -65,14 +65,6 @@ LR, BATCH = 0.1, 16
 SCAFCOM_BETA, SCALLION_ALPHA, SCALLION_SERVER_LR, RANDOMK_DENSITY = 1.0, 0.01, 0.5, 0.013
 SCAFCOM_SERVER_LR = 1.0  # eta_g of scaffold and scafcom
 FIXED_STEPS = 0  # > 0: every client runs exactly this many local steps instead of one epoch
-
-
-class _Grid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
 
 
 def _arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -154,7 +146,7 @@ def run(method: str, seed: int, rounds: int) -> dict:
     }
     model = DigitsCNN()
     arrays = ArrayRecord({k: Array(v) for k, v in _arrays(model).items()})
-    grid, acc, up, down = _Grid(list(range(NODES))), [], 0, 0
+    grid, acc, up, down = NodeListGrid(list(range(NODES))), [], 0, 0
     for rnd in range(1, rounds + 1):
         msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         down += sum(record_bytes(m.content) for m in msgs)
@@ -221,11 +213,9 @@ def main() -> None:
         FIXED_STEPS=args.fixed_steps,
         LR=args.lr,
     )
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    try:
+    with task_identity():
         for seed in args.seeds:
             for method in args.methods:
                 t0 = time.time()
@@ -234,8 +224,6 @@ def main() -> None:
                 (args.out / f"{method}-s{seed}-r{args.rounds}.json").write_text(json.dumps(res))
                 print(method, seed, f"{res['accuracy'][-1]:.3f}", res["seconds"], "s", flush=True)
                 results.append(res)
-    finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
     # the table also shows the other methods' stored runs of the same seeds and rounds
     done = {(r["method"], r["seed"]) for r in results}
     for seed in args.seeds:

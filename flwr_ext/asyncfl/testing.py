@@ -5,13 +5,18 @@
 pending messages, picked in a seeded random order, so tests see replies out of dispatch order
 as with Ray. ``client_fn(partition_id, message)`` returns the reply's RecordDict or raises
 (turned into a ``CLIENT_APP_RAISED_EXCEPTION`` error reply, as Flower does).
+
+:class:`NodeListGrid` is the smaller stand-in for code that only asks for node ids (a Flower
+strategy's ``configure_train`` called directly), and :func:`task_identity` gives messages built
+outside a Flower runtime the task identity Flower 1.42 requires.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from uuid import uuid4
 
 from flwr.app import Error, Message, RecordDict
@@ -19,6 +24,27 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
 ClientFn = Callable[[int, Message], RecordDict]
+
+
+@contextlib.contextmanager
+def task_identity() -> Iterator[None]:
+    """Task 1, run 1, node 0 while inside (messages built outside a runtime need one); restored."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)  # noqa: SLF001
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved  # noqa: SLF001
+
+
+class NodeListGrid:
+    """Just enough of a Grid for ``configure_train``: a fixed list of node ids."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
 
 
 class FakeGrid:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
+
+from flwr_ext.asyncfl.testing import task_identity as _task_identity
 
 
 @pytest.fixture
@@ -13,7 +14,5 @@ def task_identity():
     Opt in per module with ``pytestmark = pytest.mark.usefixtures("task_identity")`` (the
     Simulation Engine tests in this folder must keep Flower's own identity).
     """
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+    with _task_identity():
+        yield

@@ -20,8 +20,8 @@ from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
 )
-from node_grid import NodeGrid
 
+from flwr_ext.asyncfl.testing import NodeListGrid
 from flwr_ext.compression import Compressed, compression_mod, decode_reply, is_compressed
 from flwr_ext.compression.hints import DECODER_KEY
 
@@ -138,7 +138,7 @@ def test_mod_keeps_error_feedback_residual_in_context_state() -> None:
 )
 def test_wrapper_matches_uncompressed_aggregation_and_drops_corrupt(make) -> None:
     """With a lossless preset the wrapped strategy's result equals the uncompressed one."""
-    grid = NodeGrid([1, 2, 3])
+    grid = NodeListGrid([1, 2, 3])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     results = []
     for compressed in (False, True):
@@ -170,7 +170,7 @@ def test_wrapper_uses_per_node_reference_and_writes_csv(tmp_path) -> None:
     wrapper = Compressed(
         FedAvg(fraction_evaluate=0.0, min_available_nodes=2), csv_path=tmp_path / "b.csv"
     )
-    grid = NodeGrid([1, 2])
+    grid = NodeListGrid([1, 2])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     msgs = list(wrapper.configure_train(4, arrays, ConfigRecord(), grid))
     mod = compression_mod("dgc")
@@ -200,7 +200,7 @@ def test_wrapper_decodes_each_reply_against_the_arrays_its_node_was_sent(tmp_pat
     wrapper = Compressed(
         _PerNodeArrays(fraction_evaluate=0.0, min_available_nodes=3), csv_path=tmp_path / "b.csv"
     )
-    grid = NodeGrid([1, 2, 3])
+    grid = NodeListGrid([1, 2, 3])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     msgs = list(wrapper.configure_train(2, arrays, ConfigRecord(), grid))
     sent = {m.metadata.dst_node_id: m.content["arrays"] for m in msgs}
@@ -261,7 +261,7 @@ def test_wrapper_sparse_mean_option_and_dp_refusal() -> None:
     with pytest.raises(ConfigError):
         Compressed(dp, sparse_mean=True)
     assert Compressed(dp).sparse_mean is False
-    grid = NodeGrid([1, 2])
+    grid = NodeListGrid([1, 2])
     arrays = ArrayRecord({k: Array(v) for k, v in GLOBAL.items()})
     aggs = []
     for sparse_mean in (False, True):

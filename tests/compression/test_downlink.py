@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from node_grid import NodeGrid
 
+from flwr_ext.asyncfl.testing import NodeListGrid
 from flwr_ext.compression import Compressed, compression_mod
 from flwr_ext.compression.codec import PipelineConfig, decode_tensor
 from flwr_ext.compression.downlink import (
@@ -98,7 +98,7 @@ def _run(
             if r == rnd:
                 ctxs[n] = _ctx(n)  # the node lost its context.state
         replies = []
-        for m in wrapper.configure_train(rnd, arrays, ConfigRecord(), NodeGrid(present)):
+        for m in wrapper.configure_train(rnd, arrays, ConfigRecord(), NodeListGrid(present)):
             node = m.metadata.dst_node_id
             if (rnd, node) in lose_msg:
                 continue
@@ -236,7 +236,7 @@ def test_reply_is_rebased_onto_x_for_the_wrapped_strategy() -> None:
     x = {k: v + 1.0 for k, v in INIT.items()}
     for rnd, target in ((1, INIT), (2, x)):
         rec = ArrayRecord({k: Array(v) for k, v in target.items()})
-        msgs = list(wrapper.configure_train(rnd, rec, ConfigRecord(), NodeGrid([1])))
+        msgs = list(wrapper.configure_train(rnd, rec, ConfigRecord(), NodeListGrid([1])))
         seen: list = []
         reply = mod(msgs[0], ctx, _trainer(1, seen))
         w = seen[0][1]
@@ -258,7 +258,7 @@ def test_plain_client_app_works_when_downlink_compression_is_off() -> None:
     wrapper = Compressed(_fedavg(2))
     no_mod = lambda m, c, f: f(m, c)  # noqa: E731
     arrays = ArrayRecord({k: Array(v) for k, v in INIT.items()})
-    msgs = list(wrapper.configure_train(1, arrays, ConfigRecord(), NodeGrid([1, 2])))
+    msgs = list(wrapper.configure_train(1, arrays, ConfigRecord(), NodeListGrid([1, 2])))
     for m in msgs:  # Flower's message contract: the dense model, no downlink keys
         assert set(m.content["arrays"]) == set(INIT)
         assert all(a.stype == "numpy.ndarray" for a in m.content["arrays"].values())

@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from node_grid import NodeGrid
 
+from flwr_ext.asyncfl.testing import NodeListGrid
 from flwr_ext.compression import ConfigError, PipelineConfig
 from flwr_ext.compression.codec import decode_tensor
 from flwr_ext.compression.ef21 import (
@@ -129,7 +129,7 @@ def _targets(nodes: list[int]) -> dict[int, dict[str, np.ndarray]]:
 
 
 def _run(strategy: EF21, rounds: int, mod, *, lose=(), reset=(), nodes=(1, 2, 3, 4)):
-    grid = NodeGrid(list(nodes))
+    grid = NodeListGrid(list(nodes))
     targets = _targets(list(nodes))
     ctxs = {
         n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
@@ -172,7 +172,7 @@ def test_server_mirrors_equal_client_states_bit_exactly_after_many_rounds() -> N
     lose = {(5, 1), (9, 3), (14, 4)}
     arrays, ctxs, history = _run(strategy, 30, mod, lose=lose, reset={20})
     # one more configure + sync so that every client commits its last acknowledged c_i
-    grid = NodeGrid([1, 2, 3, 4])
+    grid = NodeListGrid([1, 2, 3, 4])
     list(strategy.configure_train(31, arrays, ConfigRecord(), grid))
 
     for node, ctx in ctxs.items():
@@ -228,7 +228,7 @@ def test_identity_compressor_full_participation_is_uniform_fedavg() -> None:
 
 def test_replies_that_are_not_corrections_are_rejected() -> None:
     strategy = EF21(fraction_evaluate=0.0, min_available_nodes=2)
-    grid = NodeGrid([1, 2])
+    grid = NodeListGrid([1, 2])
     arrays = ArrayRecord({k: Array(v) for k, v in INIT.items()})
     msgs = list(strategy.configure_train(1, arrays, ConfigRecord(), grid))
     plain = [_trainer(_targets([1, 2])[1])(m, None) for m in msgs]  # no ef21_mod
@@ -244,7 +244,7 @@ def test_zero_dim_tensors_keep_their_shape() -> None:
     """A 0-d scalar stays 0-d in the new model (``np.ascontiguousarray`` made it ``(1,)``)."""
     strategy = EF21(fraction_evaluate=0.0, min_available_nodes=2)
     mod = ef21_mod(config=PipelineConfig(name="ef21", sparsify="none"))
-    grid = NodeGrid([1, 2])
+    grid = NodeListGrid([1, 2])
     ctxs = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
 
     def train(msg: Message, ctx: Context) -> Message:

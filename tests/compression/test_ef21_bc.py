@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from node_grid import NodeGrid
 
+from flwr_ext.asyncfl.testing import NodeListGrid
 from flwr_ext.compression import PipelineConfig
 from flwr_ext.compression.codec import decode_tensor
 from flwr_ext.compression.ef21 import (
@@ -67,7 +67,7 @@ def test_bc_step_by_hand() -> None:
 
 
 def _run(strategy, rounds: int, *, lose_msg=(), lose_reply=(), reset=(), nodes=(1, 2, 3, 4)):
-    grid = NodeGrid(list(nodes))
+    grid = NodeListGrid(list(nodes))
     ctxs = {
         n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
         for n in nodes
@@ -155,7 +155,7 @@ def test_with_the_identity_downlink_it_is_ef21() -> None:
     plain = EF21(fraction_evaluate=0.0, min_available_nodes=3)
     bc_arrays, _, _ = _run(bc, 5, nodes=(1, 2, 3))
     # EF21 with the same uplink: run it the same way (no BC state in the messages)
-    grid = NodeGrid([1, 2, 3])
+    grid = NodeListGrid([1, 2, 3])
     ctxs = {
         n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
         for n in (1, 2, 3)
@@ -175,7 +175,7 @@ def test_with_the_identity_downlink_it_is_ef21() -> None:
 def test_a_node_that_cannot_apply_b_answers_with_an_error_and_gets_the_dense_state() -> None:
     strategy = EF21BC(downlink_density=0.2, fraction_evaluate=0.0, min_available_nodes=2)
     _, ctxs, _ = _run(strategy, 2, nodes=(1, 2))
-    grid = NodeGrid([1, 2])
+    grid = NodeListGrid([1, 2])
     arrays = ArrayRecord({k: Array(v) for k, v in strategy.x.items()})
     msgs = list(strategy.configure_train(3, arrays, ConfigRecord(), grid))
     assert all(BC_G_RECORD not in m.content for m in msgs)  # both in sync: increments only

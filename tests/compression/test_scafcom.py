@@ -8,8 +8,8 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from node_grid import NodeGrid
 
+from flwr_ext.asyncfl.testing import NodeListGrid
 from flwr_ext.compression import ConfigError, PipelineConfig
 from flwr_ext.compression.codec import decode_tensor
 from flwr_ext.compression.scafcom import (
@@ -106,7 +106,7 @@ def test_unbiased_random_k_is_scaled_by_d_over_k() -> None:
         scafcom_mod(density=0.1, config=TOP1, unbiased=True)
 
 
-def _train_msg(strategy, rnd: int, x: dict, grid: NodeGrid) -> list[Message]:
+def _train_msg(strategy, rnd: int, x: dict, grid: NodeListGrid) -> list[Message]:
     arrays = ArrayRecord({k: Array(v) for k, v in x.items()})
     return list(strategy.configure_train(rnd, arrays, ConfigRecord({"server-round": rnd}), grid))
 
@@ -127,7 +127,7 @@ def test_strategy_round_by_hand() -> None:
         min_train_nodes=2,
     )
     mod = scafcom_mod(config=IDENTITY)
-    grid = NodeGrid([1, 2])
+    grid = NodeListGrid([1, 2])
     ctx = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
     deltas = {1: _arr([-1.0, 0.0, 0.5, 0.0]), 2: _arr([0.0, 1.0, 0.5, -2.0])}
     x = _arr([0.0, 0.0, 0.0, 0.0])
@@ -174,7 +174,7 @@ def test_zero_dim_tensors_keep_their_shape() -> None:
     ``load_state_dict`` fails, and ``c - c_i`` skips the shape-mismatched scalar)."""
     strat = SCAFCOM(beta=1.0, local_lr=0.5, local_steps=1, fraction_evaluate=0.0)
     mod = scafcom_mod(config=IDENTITY)
-    grid = NodeGrid([1, 2])
+    grid = NodeListGrid([1, 2])
     ctx = {n: Context(1, n, {}, RecordDict(), {}) for n in (1, 2)}
     x = {**_arr([0.0, 0.0]), "s": np.array(1.0, np.float32), "n": np.array(3, np.int64)}
 
@@ -214,7 +214,7 @@ def test_beta_one_identity_compressor_is_scaffold() -> None:
         min_train_nodes=n,
     )
     mod = scafcom_mod(config=IDENTITY)
-    grid = NodeGrid(list(range(1, n + 1)))
+    grid = NodeListGrid(list(range(1, n + 1)))
     ctx = {i: Context(1, i, {}, RecordDict(), {}) for i in grid.nodes}
     # reference SCAFFOLD state
     x_ref = np.zeros(dim, np.float32)
@@ -282,7 +282,7 @@ def test_mirrors_equal_client_states_bit_exactly_with_losses(variant: str) -> No
         strat, mod = SCAFCOM(beta=0.3, **kw), scafcom_mod(density=0.25)
     else:
         strat, mod = SCALLION(alpha=0.5, **kw), scafcom_mod(density=0.25, unbiased=True)
-    grid = NodeGrid(nodes)
+    grid = NodeListGrid(nodes)
     ctx = {i: Context(1, i, {}, RecordDict(), {}) for i in nodes}
     x = {"w": rng.normal(0, 1, (3, 4)).astype(np.float32), "b": np.zeros(4, np.float32)}
     lost_msgs = lost_replies = resets = 0
@@ -356,7 +356,7 @@ def test_lost_reply_counts_as_not_sampled() -> None:
 
 def test_wrong_or_garbled_replies_are_rejected() -> None:
     strat = SCAFCOM(fraction_evaluate=0.0, min_available_nodes=2, min_train_nodes=2)
-    grid = NodeGrid([1, 2])
+    grid = NodeListGrid([1, 2])
     msgs = _train_msg(strat, 1, _arr([0.0] * 4), grid)
     plain = [
         Message(
