@@ -353,16 +353,21 @@ def test_a_node_whose_messages_expire_backs_off():
     t0 = time.monotonic()
     res = FedBuff(buffer_size=2).start(
         grid, init_arrays(), num_rounds=10**6, timeout=0.1, clock=RealClock(),
-        poll_interval=0.002, max_failures=2, wall_timeout=2.0,
+        poll_interval=0.002, max_failures=2, wall_timeout=3.0,
     )  # fmt: skip
     wall = time.monotonic() - t0
     slow_jobs = [r for r in res.updates if grid.partition[r.node_id] == 0]
-    # back-off 0.1, 0.2, 0.4, 0.8 s ...: about log2(wall / timeout) + 1 jobs; without it
-    # wall / timeout (~20)
-    assert 3 <= len(slow_jobs) <= 7, (len(slow_jobs), wall)
+    # back-off 0.1, 0.2, 0.4, 0.8, 1.6 s: about log2(wall / timeout) + 1 jobs; without it
+    # wall / timeout (~30; 20 in a 2 s run). Loose bounds: the machine may be loaded.
+    assert 2 <= len(slow_jobs) <= 9, (len(slow_jobs), wall)
     assert res.counters.get("nodes-retired", 0) == 0
     assert {grid.partition[r.node_id] for r in res.updates if r.applied_in >= 0} == {1, 2, 3}
-    assert all(r.reason.startswith("message unavailable") for r in slow_jobs[:-1])
+    # its jobs end as expiries (or, when a pull happens to find one done first, as replies);
+    # none is a timeout charged to it
+    ends = ("message unavailable", "in flight at the end")
+    assert all(r.accepted or r.reason.startswith(ends) for r in slow_jobs), [
+        r.reason for r in slow_jobs
+    ]
 
 
 def test_expired_ttl_is_not_charged_and_a_retired_node_can_come_back():
