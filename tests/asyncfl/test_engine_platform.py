@@ -360,11 +360,13 @@ def test_a_node_whose_messages_expire_backs_off():
     # back-off 0.1, 0.2, 0.4, 0.8, 1.6 s: about log2(wall / timeout) + 1 jobs; without it
     # wall / timeout (~30; 20 in a 2 s run). Loose bounds: the machine may be loaded.
     assert 2 <= len(slow_jobs) <= 9, (len(slow_jobs), wall)
-    assert res.counters.get("nodes-retired", 0) == 0
+    # expiries are never charged: only two engine timeouts in a row (a rare race) could retire it
+    timeouts = sum(r.reason == "job timeout" for r in slow_jobs)
+    assert res.counters.get("nodes-retired", 0) == 0 or timeouts >= 2
     assert {grid.partition[r.node_id] for r in res.updates if r.applied_in >= 0} == {1, 2, 3}
-    # its jobs end as expiries (or, when a pull happens to find one done first, as replies);
-    # none is a timeout charged to it
-    ends = ("message unavailable", "in flight at the end")
+    # its jobs end as expiries (or, when the engine's own timeout fires first at the same 0.1 s,
+    # as timeouts; when a pull happens to find one done first, as replies)
+    ends = ("message unavailable", "job timeout", "in flight at the end")
     assert all(r.accepted or r.reason.startswith(ends) for r in slow_jobs), [
         r.reason for r in slow_jobs
     ]
